@@ -1,0 +1,253 @@
+"""Unit tests of minivr1.grpo against hand-computed values (pitfalls refer to shared/notes/grpo-pitfalls.md)."""
+
+import math
+
+import pytest
+import torch
+
+from minivr1.grpo import (
+    group_advantages,
+    grpo_loss,
+    kl_k3,
+    masked_mean,
+    masked_sum,
+    selective_log_softmax,
+    token_logprobs,
+    zero_variance_fraction,
+)
+
+LN2 = math.log(2.0)
+
+
+# ----------------------------------------------------------------------------- advantages
+
+def test_advantages_population_std_and_zero_variance_group():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    adv = group_advantages(rewards, G=4)
+    # group 1: mean 0.5, population std 0.5 -> (1 - 0.5) / 0.5 = +1, (0 - 0.5) / 0.5 = -1
+    torch.testing.assert_close(adv[:4], torch.tensor([1.0, -1.0, -1.0, 1.0]), atol=1e-5, rtol=0)
+    assert (adv[4:] == 0).all()            # exactly 0, not eps noise
+    assert not torch.isnan(adv).any()
+
+
+def test_advantages_unbiased_is_bessel():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    adv = group_advantages(rewards, G=4, unbiased=True)
+    std = math.sqrt((4 * 0.25) / 3)        # Bessel: sum of squares / (G - 1)
+    torch.testing.assert_close(adv, torch.tensor([0.5, -0.5, -0.5, 0.5]) / std, atol=1e-5, rtol=0)
+
+
+def test_advantages_equal_non_binary_rewards_are_exactly_zero():
+    rewards = torch.full((6,), 0.1) * 3    # 0.3 is not exact in float: std could be tiny noise
+    assert (group_advantages(rewards, G=3) == 0).all()
+    assert (group_advantages(rewards, G=1, unbiased=True) == 0).all()   # G=1: Bessel std is NaN
+
+
+def test_zero_variance_fraction():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    assert zero_variance_fraction(rewards, G=4) == 0.5
+    with pytest.raises(ValueError):
+        group_advantages(rewards, G=3)
+
+
+# ----------------------------------------------------------------------------- masking
+
+def test_masked_sum_and_mean_ignore_nan_in_masked_slots():
+    x = torch.tensor([[1.0, 2.0, float("nan")], [float("inf"), 4.0, 5.0]])
+    mask = torch.tensor([[1, 1, 0], [0, 1, 1]])
+    assert masked_sum(x, mask).item() == 12.0
+    torch.testing.assert_close(masked_sum(x, mask, dim=-1), torch.tensor([3.0, 9.0]))
+    torch.testing.assert_close(masked_mean(x, mask, dim=-1), torch.tensor([1.5, 4.5]))
+    assert masked_mean(x, torch.zeros_like(mask)).item() == 0.0   # empty mask: 0, not NaN
+
+
+# ----------------------------------------------------------------------------- KL
+
+def test_kl_k3_hand_values():
+    logp = torch.zeros(2)
+    ref = torch.tensor([LN2, -LN2])          # ref_logp - logp = +ln2, -ln2
+    torch.testing.assert_close(kl_k3(logp, ref), torch.tensor([1 - LN2, 0.5 + LN2 - 1]))
+    assert abs(kl_k3(logp, ref)[0].item() - 0.30685) < 1e-5
+    assert abs(kl_k3(logp, ref)[1].item() - 0.19315) < 1e-5
+    assert (kl_k3(ref, ref) == 0).all()
+
+
+def test_kl_k3_never_negative_and_clamped():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(10_000, generator=g) * s for s in (1e-6, 1e-3, 1.0, 10.0)])
+    assert (kl_k3(torch.zeros_like(x), x) >= 0).all()
+    huge = kl_k3(torch.tensor([0.0]), torch.tensor([1000.0]), clamp=20.0)
+    assert torch.isfinite(huge).all()
+    torch.testing.assert_close(huge, torch.tensor([math.exp(20) - 21]))
+
+
+# ----------------------------------------------------------------------------- clipping
+
+def _grad_single(ratio: float, A: float, **kw) -> tuple[float, dict]:
+    logp = torch.tensor([[math.log(ratio)]], requires_grad=True)
+    loss, stats = grpo_loss(logp, torch.zeros(1, 1), None, torch.tensor([A]), torch.ones(1, 1), beta=0.0, **kw)
+    loss.backward()
+    return logp.grad.item(), stats
+
+
+@pytest.mark.parametrize("ratio, A, clipped", [(1.5, 1.0, True), (0.5, -1.0, True), (1.5, -1.0, False),
+                                               (0.5, 1.0, False), (1.1, 1.0, False)])
+def test_clip_zeroes_gradient_only_in_its_direction(ratio, A, clipped):
+    grad, stats = _grad_single(ratio, A, eps_low=0.2)
+    if clipped:
+        assert grad == 0.0 and stats["clipped_tokens"].item() == 1
+    else:   # d(-rho A)/dlogp = -rho A
+        assert grad == pytest.approx(-ratio * A) and stats["clipped_tokens"].item() == 0
+
+
+def test_eps_high_is_honoured():
+    assert _grad_single(1.25, 1.0, eps_low=0.2)[0] == 0.0                        # symmetric: clipped
+    assert _grad_single(1.25, 1.0, eps_low=0.2, eps_high=0.28)[0] == pytest.approx(-1.25)
+    assert _grad_single(0.75, -1.0, eps_low=0.2, eps_high=0.28)[0] == 0.0        # low side still 0.8
+    assert _grad_single(0.75, -1.0, eps_low=0.3, eps_high=0.28)[0] == pytest.approx(0.75)
+
+
+# ----------------------------------------------------------------------------- the loss on a batch
+
+def _batch(S=8, T=7, seed=0):
+    """Random [S, T] logprobs with varied lengths (1..T), and advantages of both signs."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([1, 7, 3, 5, 2, 6, 4, 7])[:S]
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    logp = -torch.rand(S, T, generator=g) * 3
+    old = logp + torch.randn(S, T, generator=g) * 0.3          # ratios on both sides of the clip
+    ref = logp + torch.randn(S, T, generator=g) * 0.5
+    adv = torch.randn(S, generator=g)
+    return logp, old, ref, adv, mask
+
+
+@pytest.mark.parametrize("aggregation", ["seq_mean", "token_mean"])
+def test_masked_positions_contribute_exactly_zero(aggregation):
+    logp, old, ref, adv, mask = _batch()
+    results = []
+    for garbage in (0.0, float("nan"), float("inf"), -1e30):
+        lp = torch.where(mask, logp, garbage).requires_grad_(True)
+        o, r = torch.where(mask, old, garbage), torch.where(mask, ref, -garbage)
+        loss, stats = grpo_loss(lp, o, r, adv, mask, aggregation=aggregation)
+        loss.backward()
+        results.append((loss.detach(), lp.grad, stats))
+    loss0, grad0, stats0 = results[0]
+    assert (grad0[~mask] == 0).all()
+    for loss, grad, stats in results[1:]:
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
+        assert torch.equal(loss, loss0) and torch.equal(grad, grad0)
+        assert all(torch.equal(stats[k], stats0[k]) for k in stats0)
+
+
+@pytest.mark.parametrize("aggregation", ["seq_mean", "token_mean"])
+def test_one_update_per_rollout_equals_reinforce_with_baseline(aggregation):
+    logp, _, _, adv, mask = _batch()
+    logp.requires_grad_(True)
+    loss, stats = grpo_loss(logp, logp.detach(), None, adv, mask, beta=0.0, aggregation=aggregation)
+    (grad,) = torch.autograd.grad(loss, logp)
+    A = adv[:, None]
+    if aggregation == "seq_mean":     # -1/S sum_s A_s mean_t logp_st
+        ref_loss = -(A * torch.where(mask, logp, 0)).sum(-1).div(mask.sum(-1)).sum() / mask.shape[0]
+    else:                             # -1/N sum_{s,t} A_s logp_st
+        ref_loss = -(A * torch.where(mask, logp, 0)).sum() / mask.sum()
+    (ref_grad,) = torch.autograd.grad(ref_loss, logp)
+    torch.testing.assert_close(grad, ref_grad)
+    assert stats["clipped_tokens"].item() == 0
+
+
+def test_first_step_ratio_one_kl_zero():
+    logp, _, _, adv, mask = _batch()
+    loss, stats = grpo_loss(logp, logp.clone(), logp.clone(), adv, mask, beta=0.01)
+    n = mask.sum().item()
+    assert stats["tokens"].item() == n and stats["seqs"].item() == 8
+    assert stats["ratio_sum"].item() == n                 # every ratio exactly 1
+    assert stats["kl_sum"].item() == 0 and stats["clipped_tokens"].item() == 0
+    # rho == 1, KL == 0: loss = -mean_s A_s (seq_mean)
+    torch.testing.assert_close(loss, -adv.mean())
+
+
+def test_kl_term_adds_beta_times_k3():
+    logp, old, ref, adv, mask = _batch()
+    l0, _ = grpo_loss(logp, old, ref, adv, mask, beta=0.0, aggregation="token_mean")
+    l1, stats = grpo_loss(logp, old, ref, adv, mask, beta=0.5, aggregation="token_mean")
+    torch.testing.assert_close(l1 - l0, 0.5 * stats["kl_sum"] / stats["tokens"])
+    with pytest.raises(ValueError):
+        grpo_loss(logp, old, None, adv, mask, beta=0.01)
+
+
+@pytest.mark.parametrize("aggregation", ["seq_mean", "token_mean"])
+def test_micro_batch_split_gives_same_loss_and_gradient(aggregation):
+    logp, old, ref, adv, mask = _batch()
+    totals = dict(total_seqs=mask.shape[0], total_tokens=mask.sum())
+    results = []
+    for n_micro in (1, 2, 4):
+        lp = logp.clone().requires_grad_(True)
+        total = 0.0
+        for idx in torch.arange(8).chunk(n_micro):
+            loss, _ = grpo_loss(lp[idx], old[idx], ref[idx], adv[idx], mask[idx],
+                                aggregation=aggregation, **totals)
+            loss.backward()                  # gradients accumulate in lp.grad, as in training
+            total = total + loss.detach()
+        results.append((total, lp.grad))
+    for total, grad in results[1:]:
+        torch.testing.assert_close(total, results[0][0])
+        torch.testing.assert_close(grad, results[0][1])
+
+
+# ----------------------------------------------------------------------------- token logprobs
+
+class RowCountingHead(torch.nn.Module):
+    """An lm_head that records the largest number of rows it was ever called with."""
+
+    def __init__(self, H, V):
+        super().__init__()
+        self.linear = torch.nn.Linear(H, V)
+        self.max_rows = 0
+
+    def forward(self, h):
+        self.max_rows = max(self.max_rows, h.shape[0])
+        return self.linear(h)
+
+
+@pytest.mark.parametrize("chunk_size", [3, 10, 64])
+def test_token_logprobs_matches_reference_values_and_gradients(chunk_size):
+    torch.manual_seed(0)
+    N, H, V, T = 10, 8, 50, 0.7
+    head = RowCountingHead(H, V)
+    hidden = torch.randn(N, H, requires_grad=True)
+    targets = torch.randint(0, V, (N,))
+    weights = torch.randn(N)                 # a non-uniform upstream gradient
+
+    ref = selective_log_softmax(head(hidden) / T, targets)
+    ref_grads = torch.autograd.grad((ref * weights).sum(), [hidden, head.linear.weight, head.linear.bias])
+
+    head.max_rows = 0
+    out = token_logprobs(hidden, head, targets, temperature=T, chunk_size=chunk_size)
+    assert out.shape == (N,) and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref)
+    grads = torch.autograd.grad((out * weights).sum(), [hidden, head.linear.weight, head.linear.bias])
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg)
+    assert head.max_rows <= chunk_size       # forward and checkpoint recompute alike
+
+    with torch.no_grad():
+        torch.testing.assert_close(token_logprobs(hidden, head, targets, T, chunk_size), ref.detach())
+
+
+def test_token_logprobs_does_not_save_logits_for_backward():
+    """Every tensor autograd saves outside the checkpoints must be smaller than one [chunk, V]."""
+    torch.manual_seed(0)
+    N, H, V, chunk = 64, 8, 1000, 16
+    head = torch.nn.Linear(H, V)
+    hidden = torch.randn(N, H, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = token_logprobs(hidden, head, torch.randint(0, V, (N,)), chunk_size=chunk)
+    assert max(saved, default=0) < chunk * V
+    out.sum().backward()
+    assert hidden.grad is not None and head.weight.grad is not None

@@ -1,0 +1,199 @@
+"""Loading a vision-language policy and its processor: full, LoRA, QLoRA, or a saved adapter.
+
+    model = load_policy("Qwen/Qwen2.5-VL-7B-Instruct", mode="lora")      # hub id or local dir
+    model = load_policy("runs/sft/final", mode="full")                   # a full checkpoint
+    model = load_policy("runs/sft-lora/final", mode="lora")              # a saved LoRA adapter dir:
+        # its base is loaded from adapter_config.json and the adapter merged into it first, so the
+        # new LoRA (and the KL reference, "adapter disabled") starts from the SFT model.
+    processor = load_processor(path)
+
+Everything goes through the Auto classes, so any image-text-to-text checkpoint that
+transformers knows (Qwen2.5-VL, Qwen2-VL, ...) loads. `trust_remote_code` stays off unless the
+caller asks.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# LoRA on every linear layer of the language model, none in the vision tower (frozen, as in the
+# paper's SFT). A regex, because Qwen2.5-VL's vision tower also has modules named `*_proj`.
+LORA_TARGET = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+VISION_PREFIXES = ("model.visual", "visual")        # the vision tower's module path (transformers 5 / 4)
+
+
+def _image_only_processor_class():
+    from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImageOnlyQwenProcessor(Qwen2_5_VLProcessor):
+        """Qwen2.5-VL's processor without a video processor (which needs torchvision)."""
+
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    return ImageOnlyQwenProcessor
+
+
+def __getattr__(name):          # lazy: importing transformers costs seconds
+    if name == "ImageOnlyQwenProcessor":
+        return _image_only_processor_class()
+    raise AttributeError(name)
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    """"auto" -> bf16 on a GPU that supports it, else fp32 (CPU bf16 matmuls are slow)."""
+    if dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+            "fp32": torch.float32, "float32": torch.float32}[dtype]
+
+
+def attn_implementation() -> str:
+    """flash-attn 2 when installed and on a GPU, else PyTorch's sdpa."""
+    try:
+        import flash_attn  # noqa: F401
+        return "flash_attention_2" if torch.cuda.is_available() else "sdpa"
+    except ImportError:
+        return "sdpa"
+
+
+def adapter_base(path: str | Path) -> str | None:
+    """The base model of a saved peft adapter directory, or None if `path` is not an adapter."""
+    cfg = Path(path) / "adapter_config.json"
+    if not cfg.is_file():
+        return None
+    return json.loads(cfg.read_text())["base_model_name_or_path"]
+
+
+def load_processor(path: str | Path, max_pixels: int | None = None, trust_remote_code: bool = False):
+    """The model's processor, with left padding (batched generation) and an optional image-size cap.
+
+    Falls back to an image-only Qwen processor when AutoProcessor cannot build one (no
+    torchvision for the video processor, or a tiny model saved by `minivr1.tiny`).
+    """
+    from transformers import AutoProcessor, AutoTokenizer
+
+    path = adapter_base(path) or path if not (Path(path) / "tokenizer_config.json").is_file() else path
+    processor = None
+    try:
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ImportError, ValueError, OSError, TypeError):
+        pass
+    if processor is None or not hasattr(processor, "image_processor"):
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
+        processor = _image_only_processor_class()(image_processor, tokenizer, chat_template=tokenizer.chat_template)
+    if max_pixels is not None:
+        processor.image_processor.max_pixels = max_pixels
+        if hasattr(processor.image_processor, "size") and isinstance(processor.image_processor.size, dict):
+            processor.image_processor.size["longest_edge"] = max_pixels
+    processor.tokenizer.padding_side = "left"
+    return processor
+
+
+def load_policy(path: str | Path, mode: str = "lora", dtype: str = "auto", gradient_checkpointing: bool = False,
+                freeze_vision: bool = True, lora_r: int = 64, lora_alpha: int = 128, lora_dropout: float = 0.05,
+                lora_target: str = LORA_TARGET, device_map=None, trust_remote_code: bool = False):
+    """Load a model for training in one of three modes.
+
+    mode "full":  every language-model weight trains (vision tower too unless `freeze_vision`).
+    mode "lora":  a fresh LoRA (peft) on the language model; base weights frozen. If `path` is a
+                  saved LoRA adapter, it is merged into its base first (so the starting point and
+                  the KL reference are the adapted model, not the bare base).
+    mode "qlora": as "lora" with the base in 4-bit NF4 (bitsandbytes); the vision tower and the
+                  LM head stay unquantized.
+    """
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+
+    if mode not in ("full", "lora", "qlora"):
+        raise ValueError(f"mode must be 'full', 'lora' or 'qlora', got {mode!r}")
+    torch_dtype = resolve_dtype(dtype)
+    base, adapter = (adapter_base(path), path) if adapter_base(path) else (path, None)
+    kwargs = dict(dtype=torch_dtype, attn_implementation=attn_implementation(), trust_remote_code=trust_remote_code)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if mode == "qlora":
+        compute = torch_dtype if torch_dtype != torch.float32 or not torch.cuda.is_available() else torch.bfloat16
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+            # the full module path: the short name "visual" is silently ignored (cpu-stack.md)
+            llm_int8_skip_modules=["model.visual", "visual", "lm_head"])
+        kwargs.setdefault("device_map", {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu")
+        if adapter is not None:
+            raise ValueError(f"{path} is a LoRA adapter: merge it into a full checkpoint first with "
+                             f"`python -m minivr1.models merge {path} OUT_DIR`, then train QLoRA on OUT_DIR")
+    model = AutoModelForImageTextToText.from_pretrained(base, **kwargs)
+    if adapter is not None:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    if freeze_vision:
+        for name, p in model.named_parameters():
+            if name.startswith(VISION_PREFIXES):
+                p.requires_grad_(False)
+    if gradient_checkpointing:
+        # non-reentrant: works with LoRA without input grads and with ZeRO-3 (pitfall 15)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if mode in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model
+        if mode == "qlora":
+            from peft import prepare_model_for_kbit_training
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
+        config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=lora_target,
+                            task_type="CAUSAL_LM")
+        model = get_peft_model(model, config)
+    return model
+
+
+def load_for_inference(path: str | Path, dtype: str = "auto", device: str | None = None,
+                       trust_remote_code: bool = False):
+    """A model ready to generate: a full checkpoint dir / hub id, or a LoRA adapter dir on its base."""
+    model = load_policy(path, mode="full", dtype=dtype, freeze_vision=False, trust_remote_code=trust_remote_code)
+    model.eval().requires_grad_(False)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device)
+
+
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "bf16") -> Path:
+    """Merge a LoRA adapter into its base and save a plain HF checkpoint (transformers, vLLM)."""
+    model = load_policy(adapter_dir, mode="full", dtype=dtype, freeze_vision=False)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    load_processor(adapter_dir).save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def unwrap_peft(model):
+    """The transformers model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def save_final(model, processor, out_dir: str | Path) -> Path:
+    """Save a trained policy as an HF directory: the adapter for LoRA, full weights otherwise,
+    and the processor, so `load_for_inference(out_dir)` and `evaluate.py` open it directly."""
+    out = Path(out_dir)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description="Merge a LoRA adapter into its base model for export.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("merge", help="merge ADAPTER_DIR into its base and save a plain HF checkpoint in OUT_DIR")
+    m.add_argument("adapter_dir")
+    m.add_argument("out_dir")
+    m.add_argument("--dtype", default="bf16", help="dtype of the saved weights (bf16, fp16, fp32)")
+    a = p.parse_args()
+    print(merge_adapter(a.adapter_dir, a.out_dir, a.dtype))

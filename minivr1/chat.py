@@ -1,0 +1,161 @@
+"""Chat messages and model inputs: SFT batches (loss on assistant tokens only) and prompt batches.
+
+The chat template comes with the model's processor; we only arrange messages. A text's
+`<image>` placeholders mark where its images go; images without placeholders are put before
+the text of the first user turn (LLaMA-Factory's convention).
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+IMAGE_PLACEHOLDER = "<image>"
+
+# DeepSeek-R1-Zero's system prompt, adapted to images; used by the Vision-R1-Zero baseline only
+# (Vision-R1 itself adds no system prompt in RL, and SFT uses the template's default).
+R1_ZERO_SYSTEM_PROMPT = (
+    "A conversation between User and Assistant. The user asks a question about an image, and the Assistant "
+    "solves it. The assistant first thinks about the reasoning process in the mind and then provides the user "
+    "with the answer. The reasoning process and answer are enclosed within <think> </think> and <answer> "
+    "</answer> tags, respectively, i.e., <think> reasoning process here </think><answer> answer here </answer>"
+)
+
+
+def user_content(text: str, n_images: int) -> list[dict]:
+    """Split `text` at `<image>` placeholders into image and text parts (images first if none)."""
+    pieces = text.split(IMAGE_PLACEHOLDER)
+    if len(pieces) - 1 == 0:
+        parts = [{"type": "image"} for _ in range(n_images)]
+        return parts + ([{"type": "text", "text": text}] if text else [])
+    if len(pieces) - 1 != n_images:
+        raise ValueError(f"text has {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholders but {n_images} images")
+    parts = []
+    for i, piece in enumerate(pieces):
+        if i:
+            parts.append({"type": "image"})
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+def conversation_messages(messages: list[dict], n_images: int) -> list[dict]:
+    """Messages with string contents -> template messages; images go to the user turns' placeholders."""
+    counts = [m["content"].count(IMAGE_PLACEHOLDER) if m["role"] == "user" else 0 for m in messages]
+    unplaced = n_images - sum(counts)
+    out, first_user = [], True
+    for m, k in zip(messages, counts):
+        if m["role"] != "user":
+            out.append({"role": m["role"], "content": m["content"]})
+            continue
+        extra = unplaced if first_user else 0
+        first_user = False
+        content = user_content(m["content"], k) if k else user_content(m["content"], 0)
+        out.append({"role": "user", "content": [{"type": "image"}] * extra + content})
+    return out
+
+
+def problem_messages(question: str, n_images: int, system_prompt: str | None = None) -> list[dict]:
+    """The prompt for one problem: an optional system turn, then the user turn with its images."""
+    msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return msgs + [{"role": "user", "content": user_content(question, n_images)}]
+
+
+def prompt_batch(processor, problems, system_prompt: str | None = None, repeat: int = 1):
+    """Tokenised, left-padded prompts for generation, each problem repeated `repeat` times in a row.
+
+    Repeating the problems before processing (rather than repeating tensors after) keeps each
+    sequence's pixel_values block next to its own image_grid_thw rows, in order (pitfall 12).
+    Returns the processor's BatchFeature: input_ids, attention_mask, pixel_values, image_grid_thw.
+    """
+    texts, images = [], []
+    for p in problems:
+        imgs = [ref.load() for ref in p.images]
+        text = processor.apply_chat_template(problem_messages(p.question, len(imgs), system_prompt),
+                                             add_generation_prompt=True, tokenize=False)
+        for _ in range(repeat):
+            texts.append(text)
+            images.extend(imgs)
+    processor.tokenizer.padding_side = "left"
+    return processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+
+
+class SFTCollator:
+    """Cold-start SFT batches: the full conversation, labels = -100 everywhere except assistant turns.
+
+    An assistant turn's label span is its content plus the closing `<|im_end|>`, so the model
+    learns to stop. Sequences longer than `max_length` are cut from the right; a cut that would
+    reach into the prompt (and its image tokens) is an error, never a silent truncation.
+    """
+
+    def __init__(self, processor, max_length: int = 4096):
+        self.processor, self.max_length = processor, max_length
+        tok = processor.tokenizer
+        self.header = tok.encode("<|im_start|>assistant\n", add_special_tokens=False)
+        self.end_id = tok.convert_tokens_to_ids("<|im_end|>")
+        self.pad_id = tok.pad_token_id
+
+    def assistant_mask(self, ids: list[int]) -> list[bool]:
+        mask, h, i, inside = [False] * len(ids), len(self.header), 0, False
+        while i < len(ids):
+            if not inside and ids[i:i + h] == self.header:
+                inside, i = True, i + h
+                continue
+            if inside:
+                mask[i] = True
+                if ids[i] == self.end_id:
+                    inside = False
+            i += 1
+        return mask
+
+    def __call__(self, conversations) -> dict:
+        texts, images = [], []
+        for conv in conversations:
+            imgs = [ref.load() for ref in conv.images]
+            msgs = conversation_messages(conv.messages, len(imgs))
+            texts.append(self.processor.apply_chat_template(msgs, tokenize=False))
+            images.extend(imgs)
+        enc = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+        rows, labels = [], []
+        for k, (ids, keep) in enumerate(zip(enc["input_ids"], enc["attention_mask"])):
+            ids = ids[keep.bool()].tolist()
+            mask = self.assistant_mask(ids)
+            if len(ids) > self.max_length:
+                if not any(mask[:self.max_length]):
+                    raise ValueError(f"record {conversations[k].id}: the prompt alone is {len(ids)} tokens, more "
+                                     f"than max_length={self.max_length}; raise --max_length or shrink the images "
+                                     f"(--max_pixels)")
+                ids, mask = ids[:self.max_length], mask[:self.max_length]
+            rows.append(ids)
+            labels.append([t if m else -100 for t, m in zip(ids, mask)])
+        T = max(len(r) for r in rows)
+        # right padding for training; padded positions are masked out and carry label -100
+        batch = {
+            "input_ids": torch.tensor([r + [self.pad_id] * (T - len(r)) for r in rows]),
+            "attention_mask": torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows]),
+            "labels": torch.tensor([l + [-100] * (T - len(l)) for l in labels]),
+        }
+        for key in ("pixel_values", "image_grid_thw"):
+            if key in enc:
+                batch[key] = enc[key]
+        return batch
+
+
+def select_sequences(batch: dict, idx: list[int], images_per_seq: list[int]) -> dict:
+    """Rows `idx` of a processed batch, with their own image blocks.
+
+    pixel_values is the concatenation of every image's patches in sequence order and
+    image_grid_thw has one row per image, so picking sequences means picking their blocks
+    (pitfall 12: a wrong slice pairs an image with another sequence's tokens).
+    """
+    out = {k: v[idx] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
+    if "pixel_values" in batch:
+        grid = batch["image_grid_thw"]
+        first_image = [0] + list(itertools.accumulate(images_per_seq))           # image index per sequence
+        patches = grid.prod(-1).tolist()
+        first_patch = [0] + list(itertools.accumulate(patches))                  # patch row per image
+        images = [i for s in idx for i in range(first_image[s], first_image[s + 1])]
+        rows = [r for i in images for r in range(first_patch[i], first_patch[i + 1])]
+        out["pixel_values"] = batch["pixel_values"][rows]
+        out["image_grid_thw"] = grid[images]
+    return out

@@ -1,0 +1,75 @@
+"""Scoring responses and summarising a benchmark run: accuracy, format rate, reasoning length.
+
+`score` turns one (problem, response) pair into a per-sample record; `summarize` turns the
+records into the run's summary, including accuracy by reasoning-length bucket: the paper's
+evidence that long reasoning is not better reasoning ("overthinking", Vision-R1 Sec. 3.2).
+"""
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+
+from minivr1 import grader
+
+
+def score(problem, response: str, n_tokens: int) -> dict:
+    """The per-sample record written to predictions.jsonl."""
+    parsed = grader.parse_response(response)
+    correct = grader.is_equivalent(parsed.answer, problem.answer, **problem.grading_meta())
+    return {"id": problem.id, "category": problem.category, "question_type": problem.question_type,
+            "answer": problem.answer, "extracted": parsed.answer, "correct": bool(correct),
+            "format_ok": parsed.format_ok, "length": n_tokens, "waits": grader.count_wait(response),
+            "response": response}
+
+
+def _rate(records, key) -> float:
+    return sum(bool(r[key]) for r in records) / len(records) if records else float("nan")
+
+
+def length_buckets(records: list[dict], n_buckets: int = 4) -> list[dict]:
+    """Split records into `n_buckets` equal-count buckets by length; accuracy of each."""
+    ordered = sorted(records, key=lambda r: r["length"])
+    out = []
+    for b in range(n_buckets):
+        chunk = ordered[b * len(ordered) // n_buckets:(b + 1) * len(ordered) // n_buckets]
+        if chunk:
+            out.append({"min_length": chunk[0]["length"], "max_length": chunk[-1]["length"], "n": len(chunk),
+                        "accuracy": _rate(chunk, "correct")})
+    return out
+
+
+def summarize(records: list[dict], length_unit: str = "tokens") -> dict:
+    """Accuracy overall and per category / question type, format rate, length statistics."""
+    if not records:
+        raise ValueError("no records to summarise")
+    lengths = [r["length"] for r in records]
+    groups = {"category": defaultdict(list), "question_type": defaultdict(list)}
+    for r in records:
+        for key, g in groups.items():
+            g[str(r.get(key))].append(r)
+    return {
+        "n": len(records),
+        "accuracy": _rate(records, "correct"),
+        "format_rate": _rate(records, "format_ok"),
+        "accuracy_given_format": _rate([r for r in records if r["format_ok"]], "correct"),
+        "mean_length": statistics.fmean(lengths),
+        "median_length": statistics.median(lengths),
+        "length_unit": length_unit,
+        "mean_waits": statistics.fmean(r["waits"] for r in records),
+        "per_category": {k: {"n": len(v), "accuracy": _rate(v, "correct")} for k, v in sorted(groups["category"].items())},
+        "per_question_type": {k: {"n": len(v), "accuracy": _rate(v, "correct")}
+                              for k, v in sorted(groups["question_type"].items())},
+        "accuracy_by_length": length_buckets(records),
+    }
+
+
+def format_summary(summary: dict, title: str = "") -> str:
+    """A short human-readable block for the terminal."""
+    lines = [f"{title}n={summary['n']}  accuracy {summary['accuracy']:.1%}  format {summary['format_rate']:.1%}  "
+             f"mean length {summary['mean_length']:.0f} {summary['length_unit']} (median {summary['median_length']:.0f})  "
+             f"'Wait' per answer {summary['mean_waits']:.2f}"]
+    for k, v in summary["per_category"].items():
+        lines.append(f"  {k:<24} {v['accuracy']:.1%}  (n={v['n']})")
+    lines.append("  accuracy by length: " + ", ".join(
+        f"{b['min_length']}-{b['max_length']}: {b['accuracy']:.0%}" for b in summary["accuracy_by_length"]))
+    return "\n".join(lines)

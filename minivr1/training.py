@@ -1,0 +1,131 @@
+"""Training-loop plumbing shared by train_sft.py and train_grpo.py: the accelerator, the
+optimizer and schedule, a resumable data order, and a Ctrl-C guard.
+"""
+from __future__ import annotations
+
+import math
+import signal
+
+import torch
+
+
+def make_accelerator(gradient_accumulation_steps: int = 1, mixed_precision: str = "auto"):
+    """An Accelerator for one process (`python`) or many (`accelerate launch`, `torchrun`).
+
+    On a machine with no GPU we pass cpu=True, which is what makes `torchrun --nproc_per_node 2`
+    give two gloo processes with DDP (cpu-stack.md). Mixed precision "auto" is bf16 on GPUs that
+    support it, off on CPU.
+    """
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available()
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(cpu=not cuda, mixed_precision=mixed_precision,
+                       gradient_accumulation_steps=gradient_accumulation_steps)
+
+
+def build_optimizer(model, lr: float, weight_decay: float = 0.0, name: str = "adamw"):
+    """AdamW over the trainable parameters ("adamw_8bit": bitsandbytes' 8-bit AdamW)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (check --mode and --freeze_vision)")
+    if name == "adamw_8bit":
+        import bitsandbytes as bnb
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    if name != "adamw":
+        raise ValueError(f"unknown optimizer {name!r}: use 'adamw' or 'adamw_8bit'")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999))
+
+
+def cosine_schedule(optimizer, total_steps: int, warmup_ratio: float = 0.05, min_ratio: float = 0.0):
+    """Linear warmup over `warmup_ratio` of the steps, then cosine decay to `min_ratio` x lr.
+
+    Stepped once per optimizer step by the script itself (not passed to accelerator.prepare,
+    whose wrapper would step it once per process), and registered for checkpointing.
+    """
+    warmup = max(1, round(warmup_ratio * total_steps)) if warmup_ratio > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
+    """A permutation of range(n) that depends only on (seed, epoch): resuming needs no saved order."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def batch_indices(n: int, global_batch: int, index: int, seed: int, rank: int = 0, world: int = 1,
+                  drop_last: bool = True) -> list[int]:
+    """The dataset indices of global batch number `index` (0-based, counting across epochs) that
+    belong to process `rank`: the global batch is cut into `world` contiguous shares.
+
+    Data position = `index`, so a checkpoint only needs the step count to resume exactly.
+    """
+    per_epoch = n // global_batch if drop_last else math.ceil(n / global_batch)
+    if per_epoch == 0:
+        raise ValueError(f"{n} records are fewer than one global batch of {global_batch}; "
+                         f"lower the batch size or the number of processes")
+    epoch, k = divmod(index, per_epoch)
+    order = epoch_order(n, epoch, seed)
+    batch = order[k * global_batch:(k + 1) * global_batch]
+    share = math.ceil(len(batch) / world)
+    return batch[rank * share:(rank + 1) * share]
+
+
+class StopRequested:
+    """Turns Ctrl-C / SIGTERM into a flag the loop checks between steps, so the script can save a
+    checkpoint and exit cleanly instead of dying mid-step. A second Ctrl-C exits at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:           # not the main thread (e.g. inside a test runner thread)
+                pass
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstop requested: finishing this step, saving a checkpoint, then exiting "
+              "(press Ctrl-C again to quit without saving)", flush=True)
+
+    def restore(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def check_finite(name: str, value: torch.Tensor | float, step: int) -> None:
+    """Stop the run on NaN/inf instead of training on garbage."""
+    v = torch.as_tensor(value)
+    if not torch.isfinite(v).all():
+        raise FloatingPointError(
+            f"step {step}: {name} is {v.flatten()[:4].tolist()} (not finite). The last checkpoint is intact; "
+            f"lower the learning rate, check the data, or resume with --resume from the last checkpoint")
+
+
+def start_accumulation(accelerator, n_micro: int) -> None:
+    """Make the next `n_micro` calls of `accelerator.accumulate` one optimizer step.
+
+    GRPO's micro-batch count can change between PTST stages (group size changes), so we set it
+    per step and reset accelerate's counter, instead of fixing it when the Accelerator is built.
+    """
+    accelerator.gradient_accumulation_steps = n_micro
+    accelerator.step = 0
+
+
+def disable_dropout(model) -> None:
+    """RL needs the same distribution for sampling, old, new and reference log-probs (pitfall 6):
+    dropout would make the ratio noisy even at the first step."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0

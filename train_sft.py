@@ -1,0 +1,191 @@
+"""Cold-start SFT: teach a vision-language model the <think>/<answer> format and R1-style reasoning.
+
+Vision-R1 stage 2 (paper Sec. 3.1): supervised fine-tuning on the cold-start data built by
+modality bridging (Vision-R1-cold, LLaMA-Factory sharegpt format; see README "Data formats"),
+which turns Qwen2.5-VL-7B-Instruct into Vision-R1-CI. Loss on assistant tokens only.
+
+One GPU, LoRA (or --mode qlora for 4-bit):
+    python train_sft.py --model Qwen/Qwen2.5-VL-7B-Instruct --data vision_r1_cold.json \
+        --image_root images/ --output_dir runs/sft --mode lora
+Several GPUs, full fine-tuning (the paper's setting) with DeepSpeed ZeRO-3 or FSDP:
+    accelerate launch --config_file configs/accelerate/zero3.yaml train_sft.py \
+        --config configs/sft_paper.yaml --mode full
+The toy task on a CPU (what `scripts/toy_pipeline.sh` runs):
+    python train_sft.py --config configs/toy_sft.yaml
+
+Resume: rerun the same command; it continues from output_dir/checkpoints/latest (or pass
+--resume PATH, or --no-resume to start over). Ctrl-C saves a checkpoint and exits.
+
+Departures from the paper's released config:
+1. The loss is the mean over all assistant tokens of the global batch (every micro-batch and
+   process), so it does not depend on how the batch is split; LLaMA-Factory averages per
+   micro-batch.
+2. Logits are never materialised for the whole sequence: the LM head runs in chunks over the
+   label positions only (minivr1/policy.py), which is what makes 16K-token samples fit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from minivr1 import checkpoint, config, data, models, training
+from minivr1.chat import SFTCollator
+from minivr1.data import DEFAULT_MAX_PIXELS
+from minivr1.policy import TokenLogprobs
+from minivr1.tracking import Tracker, format_metrics, print0
+
+
+@dataclass
+class Args:
+    model: str = field(default="runs/toy/base", metadata={"help": "hub id or local dir of the starting model"})
+    data: str = field(default="runs/toy/data/cold_start.json", metadata={"help": "cold-start SFT data (sharegpt JSON/JSONL)"})
+    image_root: str | None = field(default=None, metadata={"help": "directory image paths are relative to (default: the data file's directory)"})
+    output_dir: str = field(default="runs/toy/sft", metadata={"help": "run directory: checkpoints, metrics.jsonl, final/"})
+    mode: str = field(default="full", metadata={"help": "full fine-tuning, LoRA, or 4-bit QLoRA", "choices": ["full", "lora", "qlora"]})
+    learning_rate: float = field(default=5e-6, metadata={"help": "peak learning rate (paper: 5e-6 full fine-tuning)"})
+    num_train_epochs: float = field(default=2.0, metadata={"help": "passes over the data (paper: 2); ignored if max_steps > 0"})
+    max_steps: int = field(default=0, metadata={"help": "optimizer steps to run; 0 = derive from num_train_epochs"})
+    per_device_batch_size: int = field(default=1, metadata={"help": "conversations per micro-batch on each process"})
+    gradient_accumulation_steps: int = field(default=8, metadata={"help": "micro-batches per optimizer step; global batch (conversations) = per_device_batch_size x processes x this (paper: 32)"})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "fraction of steps with linear warmup before cosine decay (paper: 0.05)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    optim: str = field(default="adamw", metadata={"help": "optimizer", "choices": ["adamw", "adamw_8bit"]})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
+    max_length: int = field(default=16384, metadata={"help": "tokens per conversation; longer ones are cut from the right, never into the prompt (paper: 16384)"})
+    max_pixels: int | None = field(default=None, metadata={"help": "cap on pixels per image for the processor (bounds image tokens); default: the processor's"})
+    dtype: str = field(default="auto", metadata={"help": "weight dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward to save memory"})
+    freeze_vision: bool = field(default=True, metadata={"help": "keep the vision tower frozen (the paper's SFT)"})
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank (lora/qlora)"})
+    lora_alpha: int = field(default=128, metadata={"help": "LoRA alpha (lora/qlora)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (lora/qlora)"})
+    logprob_chunk_size: int = field(default=1024, metadata={"help": "label tokens per LM-head chunk (memory vs speed)"})
+    save_steps: int = field(default=200, metadata={"help": "checkpoint every N optimizer steps (0 = only at the end)"})
+    keep_last: int = field(default=2, metadata={"help": "checkpoints to keep"})
+    resume: str | None = field(default="auto", metadata={"help": "'auto' resumes from output_dir's latest checkpoint if any; a path resumes from it; none starts fresh"})
+    logging_steps: int = field(default=10, metadata={"help": "log metrics every N optimizer steps"})
+    report_to: str = field(default="none", metadata={"help": "extra trackers: none, tensorboard, wandb (comma-separated); metrics.jsonl is always written"})
+    seed: int = field(default=0, metadata={"help": "random seed (data order, LoRA init)"})
+    skip_bad_records: bool = field(default=False, metadata={"help": "skip malformed records (counted and reported) instead of stopping"})
+    max_image_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={"help": "reject images larger than this many pixels"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow custom model code from the checkpoint (off: only transformers' own classes)"})
+
+
+def main(args: Args) -> Path:
+    accelerator = training.make_accelerator(args.gradient_accumulation_steps)
+    torch.manual_seed(args.seed)
+    out = Path(args.output_dir)
+
+    # ---- data ----
+    convs, report = data.read_sft(args.data, args.image_root, skip_bad=args.skip_bad_records,
+                                  max_image_pixels=args.max_image_pixels)
+    print0(report.summary())
+    processor = models.load_processor(args.model, args.max_pixels, args.trust_remote_code)
+    collate = SFTCollator(processor, args.max_length)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    micro, accum = args.per_device_batch_size, args.gradient_accumulation_steps
+    global_batch = micro * world * accum
+    steps_per_epoch = len(convs) // global_batch
+    total_steps = args.max_steps or math.ceil(args.num_train_epochs * steps_per_epoch)
+    if total_steps <= 0:
+        raise ValueError(f"{len(convs)} conversations make no full global batch of {global_batch}")
+
+    # ---- model, optimizer, schedule ----
+    model = models.load_policy(args.model, args.mode, args.dtype, args.gradient_checkpointing, args.freeze_vision,
+                               args.lora_r, args.lora_alpha, args.lora_dropout,
+                               trust_remote_code=args.trust_remote_code)
+    policy = TokenLogprobs(model, args.logprob_chunk_size)
+    optimizer = training.build_optimizer(policy, args.learning_rate, args.weight_decay, args.optim)
+    scheduler = training.cosine_schedule(optimizer, total_steps, args.warmup_ratio)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+
+    step = 0
+    ckpt = checkpoint.latest_checkpoint(out) if args.resume == "auto" else (Path(args.resume) if args.resume else None)
+    if ckpt is not None:
+        step = checkpoint.load_checkpoint(accelerator, ckpt)["step"]
+        print0(f"resumed from {ckpt} at step {step}")
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        config.save_args(args, out / "args.json")
+    tracker = Tracker(out, args.report_to, dataclasses.asdict(args), accelerator.is_main_process)
+    print0(f"SFT: {len(convs)} conversations, global batch {global_batch} = {micro} x {world} processes x {accum} "
+           f"accumulation, {total_steps} steps ({steps_per_epoch} per epoch)")
+
+    # ---- loop: one optimizer step = `accum` micro-batches on every process ----
+    stop = training.StopRequested()
+    bar = tqdm(total=total_steps, initial=step, desc="sft", disable=not accelerator.is_main_process)
+    policy.train()
+    t0, tokens_seen = time.time(), 0
+    while step < total_steps:
+        idx = training.batch_indices(len(convs), global_batch, step, args.seed, rank, world)
+        micro_batches = [collate([convs[i] for i in idx[k * micro:(k + 1) * micro]]) for k in range(accum)]
+        # The loss is a mean over the label tokens of the whole global batch: count them first.
+        n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+        n_global = accelerator.reduce(torch.tensor(n_local, device=accelerator.device), "sum").item()
+        loss_sum = 0.0
+        for b in micro_batches:
+            with accelerator.accumulate(policy):
+                b = {k: v.to(accelerator.device) for k, v in b.items()}
+                score = (b["labels"] != -100).long()
+                score[:, 0] = 0
+                logp = policy(b["input_ids"], b["attention_mask"], score, b.get("pixel_values"), b.get("image_grid_thw"))
+                loss = -logp.sum() / n_global
+                loss_sum += loss.item()
+                # DDP averages gradients over processes and accelerate divides by `accum`:
+                # undo both so the gradient is exactly that of the global token mean.
+                accelerator.backward(loss * world * accum)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        training.check_finite("loss", loss_sum, step + 1)
+        scheduler.step()
+        step += 1
+        tokens_seen += n_global
+        bar.update(1)
+
+        if step % args.logging_steps == 0 or step == total_steps:
+            loss_avg = accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "sum").item()
+            metrics = {"loss": loss_avg, "lr": scheduler.get_last_lr()[0], "epoch": step / max(1, steps_per_epoch),
+                       "grad_norm": float(grad_norm) if args.max_grad_norm > 0 else float("nan"),
+                       "label_tokens_per_s": tokens_seen / (time.time() - t0)}
+            tracker.log(metrics, step)
+            bar.set_postfix(loss=f"{loss_avg:.3f}")
+            if not bar.disable:
+                bar.write(format_metrics({"step": step, **metrics}))
+        stop_now = accelerator.reduce(torch.tensor(int(stop.requested), device=accelerator.device), "max").item()
+        if (args.save_steps and step % args.save_steps == 0) or stop_now:
+            checkpoint.save_checkpoint(accelerator, out, step, {"step": step}, policy, args.keep_last)
+        if stop_now:
+            print0(f"stopped at step {step}; rerun the same command to resume")
+            bar.close()
+            return out
+    bar.close()
+    stop.restore()
+    tracker.close()
+
+    # ---- final save: an ordinary HF directory (full weights or the LoRA adapter) ----
+    final = out / "final"
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(policy).model
+    state_dict = accelerator.get_state_dict(policy)
+    if accelerator.is_main_process:
+        prefix = "model."
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)} if state_dict else None
+        unwrapped.save_pretrained(final, state_dict=state_dict, safe_serialization=True)
+        processor.save_pretrained(final)
+        print0(f"saved {final}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return final
+
+
+if __name__ == "__main__":
+    main(config.parse_args(Args, description=__doc__))

@@ -246,12 +246,15 @@ def _adapter_dir(i: int) -> str:
 
 
 def _as_peft_model(accelerator, model):
-    """The unwrapped model if it is a peft.PeftModel, else None (without importing peft needlessly)."""
+    """The unwrapped model (or the model inside a wrapper module) if it is a peft.PeftModel, else None (without importing peft needlessly)."""
     if "peft" not in sys.modules:  # nothing can be a PeftModel if peft was never imported
         return None
     from peft import PeftModel
 
     unwrapped = accelerator.unwrap_model(model)
+    inner = getattr(unwrapped, "model", None)        # a wrapper such as policy.TokenLogprobs
+    if not isinstance(unwrapped, PeftModel) and isinstance(inner, PeftModel):
+        unwrapped = inner
     return unwrapped if isinstance(unwrapped, PeftModel) else None
 
 

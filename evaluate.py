@@ -72,6 +72,23 @@ def load_done(path: Path) -> dict[str, dict]:
     return done
 
 
+def repair_tail(path: Path) -> None:
+    """End the file with a newline so appended records start a line of their own: a torn last line
+    (a crash mid-write, which load_done ignores) is cut off, so its problem is generated again."""
+    if not path.exists():
+        return
+    with open(path, "rb+") as f:
+        text = f.read()
+        if not text or text.endswith(b"\n"):
+            return
+        start = text.rfind(b"\n") + 1
+        try:
+            json.loads(text[start:])
+            f.write(b"\n")                    # a complete record that only lacks its newline
+        except ValueError:
+            f.truncate(start)
+
+
 def one_off(args: Args) -> None:
     from transformers import TextStreamer
 
@@ -129,6 +146,7 @@ def main(args: Args) -> dict | None:
             out.mkdir(parents=True, exist_ok=True)
         state.wait_for_everyone()
         part = out / f"predictions.part{state.process_index}.jsonl" if state.num_processes > 1 else preds_path
+        repair_tail(part)
         with open(part, "a", buffering=1) as f:
             for i in tqdm(range(0, len(mine), args.batch_size), desc="eval", disable=not state.is_main_process):
                 batch = mine[i:i + args.batch_size]
@@ -140,6 +158,7 @@ def main(args: Args) -> dict | None:
         if not state.is_main_process:
             return None
         if state.num_processes > 1:           # merge the per-process parts into predictions.jsonl
+            repair_tail(preds_path)
             with open(preds_path, "a") as f:
                 for k in range(state.num_processes):
                     p = out / f"predictions.part{k}.jsonl"

@@ -22,8 +22,9 @@ def score(problem, response: str, n_tokens: int) -> dict:
             "response": response}
 
 
-def _rate(records, key) -> float:
-    return sum(bool(r[key]) for r in records) / len(records) if records else float("nan")
+def _rate(records, key) -> float | None:
+    """The fraction of records whose `key` is true; None (JSON null, not NaN) when there are none."""
+    return sum(bool(r[key]) for r in records) / len(records) if records else None
 
 
 def length_buckets(records: list[dict], n_buckets: int = 4) -> list[dict]:

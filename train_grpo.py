@@ -109,6 +109,9 @@ def main(args: Args) -> Path:
     world, rank = accelerator.num_processes, accelerator.process_index
     if args.prompts_per_step % world:
         raise ValueError(f"--prompts_per_step {args.prompts_per_step} must divide by the {world} processes: each owns whole groups")
+    # Sampling draws from torch's global RNG: seed it (per process, so ranks sample independently);
+    # a resume restores the saved RNG states over this.
+    torch.manual_seed(args.seed + rank)
     reward_fn = grader.REWARDS[args.reward]
     system_prompt = {"none": None, "r1_zero": R1_ZERO_SYSTEM_PROMPT}.get(args.system_prompt, args.system_prompt)
     out = Path(args.output_dir)
@@ -225,6 +228,7 @@ def main(args: Args) -> Path:
                     accelerator.backward(loss * world * len(micro))
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(policy.parameters(), args.max_grad_norm or float("inf"))
+                        training.check_finite("grad_norm", grad_norm, step + 1)   # a finite loss can still have NaN grads
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 for k, v in stats.items():
@@ -266,23 +270,30 @@ def main(args: Args) -> Path:
             checkpoint.save_checkpoint(accelerator, out, step, {"step": step, "stage": stage_idx + 1}, policy, args.keep_last)
         if stop_now:
             print0(f"stopped at step {step}; rerun the same command to resume")
-            return out
+            break
     bar.close()
     stop.restore()
     tracker.close()
 
-    final = out / "final"
+    finished = step >= total_steps              # else stopped early: the checkpoint is the result
+    if finished:
+        final = out / "final"
+        accelerator.wait_for_everyone()
+        unwrapped = accelerator.unwrap_model(policy).model
+        state_dict = accelerator.get_state_dict(policy)
+        if accelerator.is_main_process:
+            state_dict = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")} if state_dict else None
+            unwrapped.save_pretrained(final, state_dict=state_dict, safe_serialization=True)
+            processor.save_pretrained(final)
+            print0(f"saved {final}")
     accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(policy).model
-    state_dict = accelerator.get_state_dict(policy)
-    if accelerator.is_main_process:
-        state_dict = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")} if state_dict else None
-        unwrapped.save_pretrained(final, state_dict=state_dict, safe_serialization=True)
-        processor.save_pretrained(final)
-        print0(f"saved {final}")
-    accelerator.wait_for_everyone()
+    # Free the DDP model and optimizer before the process group goes: with gloo, tearing it down
+    # with them alive aborts at exit in a fraction of runs (cpu-stack.md). free_memory() drops
+    # accelerate's own references to them and runs gc.collect().
+    del policy, optimizer, gen_model
+    accelerator.free_memory()
     accelerator.end_training()
-    return final
+    return final if finished else out
 
 
 if __name__ == "__main__":

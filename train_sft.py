@@ -14,7 +14,7 @@ The toy task on a CPU (what `scripts/toy_pipeline.sh` runs):
     python train_sft.py --config configs/toy_sft.yaml
 
 Resume: rerun the same command; it continues from output_dir/checkpoints/latest (or pass
---resume PATH, or --no-resume to start over). Ctrl-C saves a checkpoint and exits.
+--resume PATH, or --resume none to start over). Ctrl-C saves a checkpoint and exits.
 
 Departures from the paper's released config:
 1. The loss is the mean over all assistant tokens of the global batch (every micro-batch and
@@ -166,6 +166,8 @@ def main(args: Args) -> Path:
         if stop_now:
             print0(f"stopped at step {step}; rerun the same command to resume")
             bar.close()
+            stop.restore()
+            tracker.close()
             return out
     bar.close()
     stop.restore()
@@ -183,6 +185,11 @@ def main(args: Args) -> Path:
         processor.save_pretrained(final)
         print0(f"saved {final}")
     accelerator.wait_for_everyone()
+    # Free the DDP model and optimizer before the process group goes: with gloo, tearing it down
+    # with them alive aborts at exit in a fraction of runs (cpu-stack.md). free_memory() drops
+    # accelerate's own references to them and runs gc.collect().
+    del policy, optimizer, unwrapped, state_dict
+    accelerator.free_memory()
     accelerator.end_training()
     return final
 

@@ -93,6 +93,7 @@ class SFTCollator:
         tok = processor.tokenizer
         self.header = tok.encode("<|im_start|>assistant\n", add_special_tokens=False)
         self.end_id = tok.convert_tokens_to_ids("<|im_end|>")
+        self.image_id = tok.convert_tokens_to_ids(getattr(processor, "image_token", "<|image_pad|>"))
         self.pad_id = tok.pad_token_id
 
     def assistant_mask(self, ids: list[int]) -> list[bool]:
@@ -122,9 +123,14 @@ class SFTCollator:
             mask = self.assistant_mask(ids)
             if len(ids) > self.max_length:
                 if not any(mask[:self.max_length]):
-                    raise ValueError(f"record {conversations[k].id}: the prompt alone is {len(ids)} tokens, more "
+                    prompt_len = mask.index(True) if any(mask) else len(ids)
+                    raise ValueError(f"record {conversations[k].id}: the prompt alone is {prompt_len} tokens, more "
                                      f"than max_length={self.max_length}; raise --max_length or shrink the images "
                                      f"(--max_pixels)")
+                if self.image_id in ids[self.max_length:]:
+                    # the image's pixels would stay in the batch without its tokens: the forward fails
+                    raise ValueError(f"record {conversations[k].id}: max_length={self.max_length} cuts off an image of "
+                                     f"a later user turn ({len(ids)} tokens in all); raise --max_length")
                 ids, mask = ids[:self.max_length], mask[:self.max_length]
             rows.append(ids)
             labels.append([t if m else -100 for t, m in zip(ids, mask)])

@@ -125,7 +125,12 @@ def start_accumulation(accelerator, n_micro: int) -> None:
 
 def disable_dropout(model) -> None:
     """RL needs the same distribution for sampling, old, new and reference log-probs (pitfall 6):
-    dropout would make the ratio noisy even at the first step."""
+    dropout would make the ratio noisy even at the first step.
+
+    Besides nn.Dropout modules, transformers' attention layers keep their rate as a float attribute
+    `attention_dropout` (from the config) that they pass to the attention kernel in train mode."""
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0

@@ -1,0 +1,70 @@
+"""Runs train_grpo.py unchanged (same flags) while recording, on every process, what that process
+rolled out and trained on; tests/test_multiprocess.py starts it under torchrun and reads the records.
+
+The wrappers only observe: each calls the real function and returns its result. Per process,
+written at the end to $GRPO_PROBE_DIR/rank{RANK}.json:
+    prompts      per step: the problem ids passed to prompt_batch and its `repeat` (= G)
+    rollout      per step: the rows of the prompt batch handed to generate (token ids, as lists)
+    advantages   per step: (number of rewards, G) that group_advantages normalised
+    params       per checkpoint save: (step, sum and sum of squares of the trainable weights)
+"""
+import json
+import os
+import sys
+from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))     # the repository root, for train_grpo
+
+import train_grpo  # noqa: E402
+from minivr1 import checkpoint, config, grader  # noqa: E402
+
+records = {"prompts": [], "rollout": [], "advantages": [], "params": []}
+
+
+def length_reward(text, answer, **meta):
+    """A reward that varies within groups on a random model: gives every step a gradient."""
+    return float(len(text) % 3)
+
+
+def wrap(module, name, before=None, after=None):
+    real = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        if before:
+            before(*args, **kwargs)
+        out = real(*args, **kwargs)
+        if after:
+            after(out, *args, **kwargs)
+        return out
+
+    setattr(module, name, wrapper)
+
+
+def on_prompt_batch(processor, problems, system_prompt=None, repeat=1):
+    records["prompts"].append({"ids": [p.id for p in problems], "repeat": repeat})
+
+
+def on_generate(ro, model, processor, batch, *args, **kwargs):
+    records["rollout"].append([row.tolist() for row in batch["input_ids"]])
+
+
+def on_advantages(adv, rewards, G, **kwargs):
+    records["advantages"].append([rewards.numel(), G])
+
+
+def on_save(ckpt, accelerator, out_dir, step, state, model=None, keep_last=2):
+    weights = [p.detach().double() for p in model.parameters() if p.requires_grad]
+    records["params"].append([step, float(sum(w.sum() for w in weights)), float(sum((w * w).sum() for w in weights))])
+
+
+if __name__ == "__main__":
+    grader.REWARDS["length_mod3"] = length_reward
+    wrap(train_grpo, "prompt_batch", before=on_prompt_batch)
+    wrap(train_grpo, "generate", after=on_generate)
+    wrap(train_grpo, "group_advantages", after=on_advantages)
+    wrap(checkpoint, "save_checkpoint", after=on_save)
+    train_grpo.main(config.parse_args(train_grpo.Args))
+    out = Path(os.environ["GRPO_PROBE_DIR"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(records))

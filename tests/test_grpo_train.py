@@ -1,0 +1,418 @@
+"""train_grpo.main on the tiny VLM, in-process: what the trainer must do beyond the pure math.
+
+Each test runs the real script (`main(Args(...))`) for a step or a few. Where a test needs to see
+inside a step it wraps a function the script calls (`grpo_loss`, `generate`, the optimizer) with
+one that records its arguments and then calls the real thing, so the numbers are those of the
+real loop. Pitfall numbers refer to shared/notes/grpo-pitfalls.md.
+"""
+import json
+import os
+import shutil
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_grpo
+from minivr1 import checkpoint, data, grader, models, rollout, training
+from minivr1.chat import prompt_batch
+from minivr1.grpo import grpo_loss
+from minivr1.policy import TokenLogprobs, scatter_logprobs
+
+TIMING_KEYS = {"t_rollout", "t_update", "tok_per_s", "time"}
+
+
+def length_reward(text, answer, **meta):
+    """Varies within groups even on a random model, so every step has a learning signal."""
+    return float(len(text) % 3)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def extra_rewards():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(grader.REWARDS, "length_mod3", length_reward)
+        mp.setitem(grader.REWARDS, "constant", lambda text, answer, **meta: 1.0)
+        mp.setitem(grader.REWARDS, "nan", lambda text, answer, **meta: float("nan"))
+        yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's matmuls are too small to gain from threads; on a busy 2-core machine OpenMP's
+    spin-waiting made a run 4x slower with 2 threads than with 1 (and 2 are no faster when idle)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def keep_signal_handlers():
+    """main() installs a Ctrl-C handler; a run that raises leaves it in place: put pytest's back."""
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in old.items():
+        signal.signal(s, handler)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir, processor, toy_dir, tmp_path_factory):
+    """The tiny model with <|im_end|> made likely, so completions end at different lengths (else all
+    run to the limit, every mask is full, and seq_mean == token_mean: tests could not tell them apart).
+    Its LM-head row is put along the mean final hidden state of sampled completions. And attention
+    dropout on, as some checkpoints ship it: the trainer must turn it off (pitfall 6)."""
+    out = tmp_path_factory.mktemp("eos") / "model"
+    shutil.copytree(tiny_model_dir, out)
+    model = models.load_for_inference(out, dtype="fp32")
+    problems, _ = data.read_problems(toy_dir / "data" / "rl_train.jsonl")
+    batch = prompt_batch(processor, problems[:4], repeat=4)
+    torch.manual_seed(0)
+    ro = rollout.generate(model, processor, batch, 24)
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():
+        hidden = model.model(input_ids=torch.cat([ro.prompt_ids, ro.completion_ids], 1),
+                             attention_mask=torch.cat([ro.prompt_mask, ro.completion_mask], 1),
+                             pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"]
+                             ).last_hidden_state[:, ro.prompt_ids.shape[1]:]
+        direction = hidden.reshape(-1, hidden.shape[-1]).mean(0)
+        model.get_output_embeddings().weight[eos] = direction / direction.norm()
+    torch.manual_seed(0)
+    lengths = rollout.generate(model, processor, batch, 24).completion_mask.sum(1)
+    assert len(set(lengths.tolist())) >= 4, f"precondition: varied completion lengths, got {lengths.tolist()}"
+    model.config.text_config.attention_dropout = 0.1
+    model.save_pretrained(out)
+    return out
+
+
+def make_args(model_dir, toy_dir, out, **overrides):
+    args = dict(model=str(model_dir), data=str(toy_dir / "data" / "rl_train.jsonl"), output_dir=str(out),
+                mode="full", stages="24x4:1", prompts_per_step=2, micro_batch_size=8, num_iterations=1,
+                learning_rate=1e-3, beta=0.04, reward="length_mod3", save_steps=0, sample_every=0, seed=0)
+    args.update(overrides)
+    return train_grpo.Args(**args)
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(out):
+    files = sorted((out / "final").glob("*.safetensors"))
+    assert files, f"no weights in {out / 'final'}"
+    return {k: v for f in files for k, v in load_file(f).items()}
+
+
+class LossSpy:
+    """Stands in for train_grpo.grpo_loss: records each micro-batch's inputs, then calls the real one."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, logp, old_logp, ref_logp, adv, mask, **kwargs):
+        self.calls.append({"logp": logp.detach().clone(), "old": old_logp.detach().clone(),
+                           "ref": None if ref_logp is None else ref_logp.detach().clone(),
+                           "adv": adv.detach().clone(), "mask": mask.bool().clone()})
+        return grpo_loss(logp, old_logp, ref_logp, adv, mask, **kwargs)
+
+
+def max_diff(a, b, mask):
+    return (a - b)[mask].abs().max().item()
+
+
+# ----------------------------------------------------------------------------- first step
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_first_update_has_ratio_one_and_zero_kl(mode, model_dir, toy_dir, tmp_path, monkeypatch):
+    """Pitfalls 6-8. With num_iterations=2 the old log-probs are a separate no-grad pass before any
+    update, and the reference is a separate model (full: a frozen copy; LoRA: the adapter disabled).
+    At the first update all three must agree exactly: any dropout, temperature or batching mismatch
+    would show here. After one optimizer step they must not (else the check above proves nothing)."""
+    spy = LossSpy()
+    monkeypatch.setattr(train_grpo, "grpo_loss", spy)
+    train_grpo.main(make_args(model_dir, toy_dir, tmp_path, mode=mode, stages="24x4:2", micro_batch_size=4,
+                              num_iterations=2, lora_r=8, lora_alpha=16, temperature=0.7))
+    assert len(spy.calls) == 2 * 2 * 2                       # steps x iterations x micro-batches
+    step1_iter1, step1_iter2, step2_iter1 = spy.calls[0:2], spy.calls[2:4], spy.calls[4:6]
+    for c in step1_iter1:                                    # rho == 1, KL == 0
+        assert max_diff(c["logp"], c["old"], c["mask"]) <= 1e-6
+        assert max_diff(c["logp"], c["ref"], c["mask"]) <= 1e-6
+    for c in step1_iter2:                                    # the first update moved the policy
+        assert max_diff(c["logp"], c["old"], c["mask"]) > 1e-4
+    for c in step2_iter1:                                    # old recomputed for the new rollout, ref stays
+        assert max_diff(c["logp"], c["old"], c["mask"]) <= 1e-6
+        assert max_diff(c["logp"], c["ref"], c["mask"]) > 1e-4
+
+
+# ----------------------------------------------------------------------------- micro-batches
+
+class GradRecorder(torch.optim.SGD):
+    """Plain SGD that records every gradient it is asked to apply (Adam's first step is ~lr * sign(g),
+    which would hide a wrongly scaled gradient)."""
+
+    def __init__(self, params):
+        super().__init__(params, lr=1e-2)
+        self.grads = []
+
+    def step(self, closure=None):
+        self.grads.append([p.grad.detach().clone() for g in self.param_groups for p in g["params"]])
+        return super().step(closure)
+
+
+def test_gradient_does_not_depend_on_micro_batching(model_dir, toy_dir, tmp_path, monkeypatch):
+    """Pitfall 4: the rollout's S = 8 completions as 1, 2 or 4 micro-batches give the same gradients,
+    for both loss aggregations, at both updates of num_iterations=2 (the second with rho != 1 and
+    KL > 0). The global seq/token counts are what makes this hold."""
+    recorders = []
+
+    def build_optimizer(model, lr, weight_decay=0.0, name="adamw"):
+        recorders.append(GradRecorder([p for p in model.parameters() if p.requires_grad]))
+        return recorders[-1]
+
+    monkeypatch.setattr(training, "build_optimizer", build_optimizer)
+    grads = {}
+    for aggregation in ["seq_mean", "token_mean"]:
+        for micro in [8, 4, 2]:
+            train_grpo.main(make_args(model_dir, toy_dir, tmp_path / f"{aggregation}-{micro}", micro_batch_size=micro,
+                                      num_iterations=2, max_grad_norm=0.0, loss_aggregation=aggregation))
+            grads[aggregation, micro] = recorders[-1].grads
+            assert len(grads[aggregation, micro]) == 2            # one optimizer step per iteration
+
+    def flat(gs):
+        return torch.cat([g.flatten() for g in gs])
+
+    for aggregation in ["seq_mean", "token_mean"]:
+        whole = grads[aggregation, 8]
+        assert flat(whole[0]).norm() > 1e-2                       # there is a gradient to compare
+        assert (flat(whole[1]) - flat(whole[0])).abs().max() > 1e-4   # the second update differs
+        for micro in [4, 2]:
+            for it in range(2):
+                torch.testing.assert_close(flat(grads[aggregation, micro][it]), flat(whole[it]), atol=1e-6, rtol=1e-5,
+                                           msg=lambda m: f"{aggregation}, micro_batch_size {micro}, update {it + 1}: {m}")
+    # completions have different lengths, so the two aggregations are different losses
+    assert (flat(grads["seq_mean", 8][0]) - flat(grads["token_mean", 8][0])).abs().max() > 1e-4
+
+
+# ----------------------------------------------------------------------------- LoRA reference
+
+def test_lora_reference_is_the_sft_model(model_dir, toy_dir, processor, tmp_path, monkeypatch):
+    """Starting from a saved SFT LoRA adapter, load_policy merges it, so "adapter disabled" (the KL
+    reference) is the SFT model, not the bare base. The reference log-probs of the real run must be
+    the SFT model's (computed here independently, adapter unmerged) and differ from the base's."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = models.load_policy(model_dir, mode="full", dtype="fp32")
+    sft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=models.LORA_TARGET))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in sft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)                               # a trained adapter changes the outputs
+    adapter_dir = tmp_path / "sft_adapter"
+    sft.save_pretrained(adapter_dir)
+    assert models.adapter_base(adapter_dir) == str(model_dir)
+
+    spy, rollouts = LossSpy(), []
+
+    def recording_generate(model, processor, batch, *args, **kwargs):
+        ro = rollout.generate(model, processor, batch, *args, **kwargs)
+        rollouts.append((batch, ro))
+        return ro
+
+    monkeypatch.setattr(train_grpo, "grpo_loss", spy)
+    monkeypatch.setattr(train_grpo, "generate", recording_generate)
+    train_grpo.main(make_args(adapter_dir, toy_dir, tmp_path / "run", mode="lora", lora_r=8, lora_alpha=16))
+
+    (batch, ro), = rollouts
+    (call,) = spy.calls
+    ids, mask = torch.cat([ro.prompt_ids, ro.completion_ids], 1), ro.completion_mask
+
+    def logprobs(model):
+        with torch.no_grad():
+            flat = TokenLogprobs(model.eval())(ids, torch.cat([ro.prompt_mask, mask], 1),
+                                               torch.cat([torch.zeros_like(ro.prompt_mask), mask], 1),
+                                               batch["pixel_values"], batch["image_grid_thw"])
+        return scatter_logprobs(flat, mask)
+
+    sft_logp = logprobs(PeftModel.from_pretrained(models.load_policy(model_dir, mode="full", dtype="fp32"), adapter_dir))
+    base_logp = logprobs(models.load_policy(model_dir, mode="full", dtype="fp32"))
+    m = mask.bool()
+    assert max_diff(base_logp, sft_logp, m) > 1e-2              # precondition: the adapter matters
+    assert max_diff(call["ref"], sft_logp, m) <= 1e-5           # the reference is the SFT model
+    assert max_diff(call["logp"], sft_logp, m) <= 1e-5          # and so is the starting policy
+
+
+# ----------------------------------------------------------------------------- resume
+
+RESUME = dict(stages="24x4:2,48x2:2", micro_batch_size=4)       # a PTST boundary after step 2
+
+
+def record_prompts(monkeypatch, seen):
+    """Wraps train_grpo.prompt_batch to append each step's problem ids to `seen`."""
+    def recording_prompt_batch(processor, problems, *args, **kwargs):
+        seen.append([p.id for p in problems])
+        return prompt_batch(processor, problems, *args, **kwargs)
+    monkeypatch.setattr(train_grpo, "prompt_batch", recording_prompt_batch)
+
+
+@pytest.fixture(scope="module")
+def straight_runs(model_dir, toy_dir, tmp_path_factory):
+    """straight_runs(mode): 4 steps over two PTST stages, uninterrupted (run once per mode); returns
+    its directory and each step's problem ids."""
+    runs = {}
+
+    def get(mode):
+        if mode not in runs:
+            out, seen = tmp_path_factory.mktemp(f"straight-{mode}"), []
+            with pytest.MonkeyPatch.context() as mp:
+                record_prompts(mp, seen)
+                train_grpo.main(make_args(model_dir, toy_dir, out, mode=mode, **RESUME))
+            runs[mode] = out, seen
+        return runs[mode]
+    return get
+
+
+def test_first_step_metrics_kl_and_clip_are_zero(straight_runs):
+    """Pitfall 8, as logged: at step 1 the policy is the reference (kl 0) and the ratio is 1 (clip 0);
+    at later steps the policy has moved (kl > 0), and the length reward gave groups some variance."""
+    metrics = read_metrics(straight_runs("full")[0])
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert [m["stage"] for m in metrics] == [1, 1, 2, 2]
+    assert metrics[0]["kl"] < 1e-10 and metrics[0]["clip"] == 0
+    assert all(m["kl"] > 1e-6 for m in metrics[1:])
+    assert all(m["grad_norm"] > 0 and m["zero_var"] < 1 for m in metrics)
+
+
+class StopAfter:
+    """Stands in for training.StopRequested: Ctrl-C arrives during step k (the loop asks once a step)."""
+
+    def __init__(self, k):
+        self.k, self.asked = k, 0
+
+    @property
+    def requested(self):
+        self.asked += 1
+        return self.asked >= self.k
+
+    def restore(self):
+        pass
+
+
+# stopped at the PTST boundary / inside stage 2; LoRA: the adapter-disabled reference and peft checkpoint hooks
+@pytest.mark.parametrize("mode, k", [("full", 2), ("full", 3), ("lora", 3)])
+def test_resume_matches_an_uninterrupted_run(mode, k, straight_runs, model_dir, toy_dir, tmp_path, monkeypatch, capsys):
+    """Pitfall 17: stop after k steps, rerun the same command: the same weights and the same per-step
+    metrics (so the same prompts and the same sampled completions: data position and torch RNG state
+    restored) as the uninterrupted run, bit for bit on a CPU."""
+    straight, straight_prompts = straight_runs(mode)
+    args, seen = make_args(model_dir, toy_dir, tmp_path, mode=mode, **RESUME), []
+    record_prompts(monkeypatch, seen)
+    real_stop = training.StopRequested
+    monkeypatch.setattr(training, "StopRequested", lambda: StopAfter(k))
+    assert train_grpo.main(args) == tmp_path
+    assert checkpoint.latest_checkpoint(tmp_path).name == f"step-{k:07d}"
+    assert not (tmp_path / "final").exists()
+    monkeypatch.setattr(training, "StopRequested", real_stop)
+
+    train_grpo.main(args)
+    assert f"resumed from {tmp_path / 'checkpoints' / f'step-{k:07d}'} at step {k}" in capsys.readouterr().out
+    assert seen == straight_prompts                              # the data position resumed
+    got, want = read_metrics(tmp_path), read_metrics(straight)
+    strip = [{key: v for key, v in m.items() if key not in TIMING_KEYS} for m in got]
+    assert strip == [{key: v for key, v in m.items() if key not in TIMING_KEYS} for m in want]
+    got_w, want_w = final_weights(tmp_path), final_weights(straight)
+    assert got_w.keys() == want_w.keys()
+    for name in want_w:
+        assert torch.equal(got_w[name], want_w[name]), name
+
+
+def test_ctrl_c_saves_a_checkpoint_and_gives_the_handler_back(model_dir, toy_dir, tmp_path, monkeypatch):
+    """A real SIGINT during step 1 (sent from inside the reward function): the step finishes, is
+    checkpointed, the run returns without final/, and Ctrl-C is handed back to whoever had it."""
+    sent = []
+
+    def interrupting_reward(text, answer, **meta):
+        if not sent:
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGINT)
+        return length_reward(text, answer)
+
+    monkeypatch.setitem(grader.REWARDS, "interrupting", interrupting_reward)
+    before = signal.getsignal(signal.SIGINT)
+    out = train_grpo.main(make_args(model_dir, toy_dir, tmp_path, reward="interrupting", stages="8x4:3"))
+    assert out == tmp_path and not (tmp_path / "final").exists()
+    assert checkpoint.latest_checkpoint(tmp_path).name == "step-0000001"
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1]
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+# ----------------------------------------------------------------------------- guards
+
+def count_updates(monkeypatch):
+    """Makes the optimizer that train_grpo builds append to the returned list at every real step."""
+    updates, build = [], training.build_optimizer
+
+    def counting_build(*args, **kwargs):
+        optimizer = build(*args, **kwargs)
+        optimizer.register_step_post_hook(lambda *_: updates.append(1))
+        return optimizer
+
+    monkeypatch.setattr(training, "build_optimizer", counting_build)
+    return updates
+
+
+def test_nan_reward_stops_the_run(model_dir, toy_dir, tmp_path):
+    with pytest.raises(FloatingPointError, match=r"step 1: reward is \[nan"):
+        train_grpo.main(make_args(model_dir, toy_dir, tmp_path, reward="nan", stages="8x4:1"))
+
+
+def test_nan_loss_stops_the_run_before_the_update(model_dir, toy_dir, tmp_path, monkeypatch):
+    """A NaN loss at step 2 raises, names the step, and nothing of it is applied or saved: one
+    optimizer step in all (step 1's), and the checkpoint of step 1 stays the latest."""
+    calls, updates = [], count_updates(monkeypatch)
+
+    def nan_at_step_2(*args, **kwargs):
+        calls.append(1)
+        loss, stats = grpo_loss(*args, **kwargs)
+        return (loss * float("nan") if len(calls) > 1 else loss), stats
+
+    monkeypatch.setattr(train_grpo, "grpo_loss", nan_at_step_2)
+    with pytest.raises(FloatingPointError, match=r"step 2: loss is \[nan"):
+        train_grpo.main(make_args(model_dir, toy_dir, tmp_path, stages="8x4:2", save_steps=1))
+    assert len(updates) == 1
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1]
+    assert checkpoint.latest_checkpoint(tmp_path).name == "step-0000001"
+
+
+def test_nan_gradient_stops_the_run_before_the_update(model_dir, toy_dir, tmp_path, monkeypatch):
+    """A finite loss whose gradient is NaN (here: a hook on the log-probs at step 2) must not reach the
+    weights: the clipped grad norm is checked before optimizer.step."""
+    calls, updates = [], count_updates(monkeypatch)
+
+    def nan_grad_at_step_2(logp, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            logp.register_hook(lambda g: torch.full_like(g, float("nan")))
+        return grpo_loss(logp, *args, **kwargs)
+
+    monkeypatch.setattr(train_grpo, "grpo_loss", nan_grad_at_step_2)
+    with pytest.raises(FloatingPointError, match=r"step 2: grad_norm is \[nan"):
+        train_grpo.main(make_args(model_dir, toy_dir, tmp_path, stages="8x4:2", save_steps=1))
+    assert len(updates) == 1
+    assert checkpoint.latest_checkpoint(tmp_path).name == "step-0000001"
+
+
+def test_zero_variance_groups_give_no_update(model_dir, toy_dir, tmp_path, monkeypatch):
+    """Pitfall 1: a constant reward makes every group zero-variance: advantages exactly 0 (not NaN),
+    grad norm 0, zero_var 1, and the weights do not move (so kl stays 0 at step 2 too)."""
+    spy = LossSpy()
+    monkeypatch.setattr(train_grpo, "grpo_loss", spy)
+    train_grpo.main(make_args(model_dir, toy_dir, tmp_path, reward="constant", stages="8x4:2"))
+    assert spy.calls and all((c["adv"] == 0).all() for c in spy.calls)
+    for m in read_metrics(tmp_path):
+        assert m["zero_var"] == 1 and m["grad_norm"] == 0 and m["loss"] == 0 and m["kl"] == 0, m
+        assert m["reward"] == 1 and m["reward_std"] == 0
+    start = {k: v for f in model_dir.glob("*.safetensors") for k, v in load_file(f).items()}
+    final = final_weights(tmp_path)
+    assert final.keys() == start.keys()
+    assert all(torch.equal(final[k], start[k]) for k in start)

@@ -151,7 +151,7 @@ def main(args: Args) -> Path:
         mb = select_sequences(b, idx, images_per_seq)
         with torch.no_grad() if no_grad else nullcontext():
             flat = module(mb["input_ids"], mb["attention_mask"], mb["score_mask"], mb.get("pixel_values"),
-                          mb.get("image_grid_thw"), temperature=args.temperature)
+                          mb.get("image_grid_thw"), mb.get("mm_token_type_ids"), temperature=args.temperature)
         return scatter_logprobs(flat, mb["completion_mask"])
 
     stop = training.StopRequested()
@@ -192,6 +192,8 @@ def main(args: Args) -> Path:
              "completion_mask": ro.completion_mask}
         if "pixel_values" in prompts:
             b["pixel_values"], b["image_grid_thw"] = prompts["pixel_values"], prompts["image_grid_thw"]
+        if ro.prompt_types is not None:       # completions hold no image tokens
+            b["mm_token_type_ids"] = torch.cat([ro.prompt_types, torch.zeros_like(ro.completion_ids)], 1)
         images_per_seq = [len(p.images) for p in golds]
         b = {k: v.to(accelerator.device) for k, v in b.items()}
         adv = adv.to(accelerator.device)

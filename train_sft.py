@@ -135,7 +135,8 @@ def main(args: Args) -> Path:
                 b = {k: v.to(accelerator.device) for k, v in b.items()}
                 score = (b["labels"] != -100).long()
                 score[:, 0] = 0
-                logp = policy(b["input_ids"], b["attention_mask"], score, b.get("pixel_values"), b.get("image_grid_thw"))
+                logp = policy(b["input_ids"], b["attention_mask"], score, b.get("pixel_values"), b.get("image_grid_thw"),
+                              b.get("mm_token_type_ids"))
                 loss = -logp.sum() / n_global
                 loss_sum += loss.item()
                 # DDP averages gradients over processes and accelerate divides by `accum`:

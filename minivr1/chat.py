@@ -117,9 +117,11 @@ class SFTCollator:
             texts.append(self.processor.apply_chat_template(msgs, tokenize=False))
             images.extend(imgs)
         enc = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
-        rows, labels = [], []
+        rows, labels, types = [], [], []
         for k, (ids, keep) in enumerate(zip(enc["input_ids"], enc["attention_mask"])):
             ids = ids[keep.bool()].tolist()
+            # 1 on image tokens: Qwen2.5-VL needs these to give image tokens their 3-D (M-RoPE) positions
+            types.append([int(t == self.image_id) for t in ids])
             mask = self.assistant_mask(ids)
             if len(ids) > self.max_length:
                 if not any(mask[:self.max_length]):
@@ -134,6 +136,7 @@ class SFTCollator:
                 ids, mask = ids[:self.max_length], mask[:self.max_length]
             rows.append(ids)
             labels.append([t if m else -100 for t, m in zip(ids, mask)])
+            types[-1] = types[-1][:len(ids)]
         T = max(len(r) for r in rows)
         # right padding for training; padded positions are masked out and carry label -100
         batch = {
@@ -141,6 +144,8 @@ class SFTCollator:
             "attention_mask": torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows]),
             "labels": torch.tensor([l + [-100] * (T - len(l)) for l in labels]),
         }
+        if "mm_token_type_ids" in enc:
+            batch["mm_token_type_ids"] = torch.tensor([t + [0] * (T - len(t)) for t in types])
         for key in ("pixel_values", "image_grid_thw"):
             if key in enc:
                 batch[key] = enc[key]

@@ -74,3 +74,30 @@ def format_summary(summary: dict, title: str = "") -> str:
     lines.append("  accuracy by length: " + ", ".join(
         f"{b['min_length']}-{b['max_length']}: {b['accuracy']:.0%}" for b in summary["accuracy_by_length"]))
     return "\n".join(lines)
+
+
+def comparison_table(summaries: dict[str, dict]) -> str:
+    """A markdown table comparing runs: {name: summary} -> accuracy, format, length, 'Wait's."""
+    rows = ["| model | accuracy | format | mean length (tokens) | 'Wait' per answer | accuracy by length (short -> long) |",
+            "|---|---|---|---|---|---|"]
+    for name, s in summaries.items():
+        buckets = " / ".join(f"{b['accuracy']:.0%}" for b in s["accuracy_by_length"])
+        rows.append(f"| {name} | {s['accuracy']:.1%} | {s['format_rate']:.1%} | {s['mean_length']:.0f} | "
+                    f"{s['mean_waits']:.2f} | {buckets} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(description="Compare evaluation runs: print a markdown table of their summary.json files.")
+    p.add_argument("runs", nargs="+", help="NAME=PATH pairs, PATH an evaluate.py output dir or its summary.json")
+    a = p.parse_args()
+    summaries = {}
+    for item in a.runs:
+        name, _, path = item.partition("=")
+        path = Path(path)
+        summaries[name] = json.loads((path / "summary.json" if path.is_dir() else path).read_text())
+    print(comparison_table(summaries))

@@ -26,16 +26,19 @@ class TokenLogprobs(nn.Module):
         self.chunk_size = chunk_size
 
     def forward(self, input_ids, attention_mask, score_mask, pixel_values=None, image_grid_thw=None,
-                temperature: float = 1.0) -> torch.Tensor:
+                mm_token_type_ids=None, temperature: float = 1.0) -> torch.Tensor:
         """Log-probs of the tokens selected by `score_mask`, as a flat [M] fp32 tensor.
 
         input_ids, attention_mask, score_mask: [N, T]. score_mask[n, t] = 1 scores token
         input_ids[n, t] given everything before it (so it must be 0 at t = 0). The hidden state
-        at t-1 predicts token t: the shift that pitfall 5 is about.
+        at t-1 predicts token t: the shift that pitfall 5 is about. mm_token_type_ids (1 on image
+        tokens) lets Qwen2-VL/2.5-VL compute the 3-D M-RoPE positions that generation used
+        (pitfall 13); without it the model silently falls back to 1-D positions.
         """
         hf = unwrap_peft(self.model)
+        extra = {"mm_token_type_ids": mm_token_type_ids} if mm_token_type_ids is not None else {}
         hidden = hf.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                          image_grid_thw=image_grid_thw, use_cache=False).last_hidden_state   # [N, T, H]
+                          image_grid_thw=image_grid_thw, use_cache=False, **extra).last_hidden_state   # [N, T, H]
         select = score_mask[:, 1:].bool()                                                    # [N, T-1]
         return token_logprobs(hidden[:, :-1][select], hf.get_output_embeddings(), input_ids[:, 1:][select],
                               temperature=temperature, chunk_size=self.chunk_size)           # [M]

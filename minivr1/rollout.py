@@ -19,6 +19,7 @@ VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video
 class Rollout:
     prompt_ids: torch.Tensor          # [N, P] left-padded prompt tokens
     prompt_mask: torch.Tensor         # [N, P]
+    prompt_types: torch.Tensor | None # [N, P] mm_token_type_ids (1 on image tokens) if the processor gives them
     completion_ids: torch.Tensor      # [N, C] sampled tokens, padded after the first EOS
     completion_mask: torch.Tensor     # [N, C] 1 up to and including the first EOS
     truncated: torch.Tensor           # [N] bool: no EOS within the length limit
@@ -53,7 +54,7 @@ def generate(model, processor, batch, max_new_tokens: int, temperature: float = 
     tok = processor.tokenizer
     eos = eos_token_ids(model, tok)
     device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items() if k != "mm_token_type_ids"}
+    batch = {k: v.to(device) for k, v in batch.items()}
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else \
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=tok.pad_token_id,
@@ -63,4 +64,5 @@ def generate(model, processor, batch, max_new_tokens: int, temperature: float = 
     mask, truncated = completion_mask(completion, eos)
     completion = torch.where(mask.bool(), completion, torch.full_like(completion, tok.pad_token_id))
     texts = tok.batch_decode(completion, skip_special_tokens=True)
-    return Rollout(batch["input_ids"], batch["attention_mask"], completion, mask, truncated, texts)
+    return Rollout(batch["input_ids"], batch["attention_mask"], batch.get("mm_token_type_ids"), completion, mask,
+                   truncated, texts)

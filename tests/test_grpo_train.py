@@ -73,7 +73,8 @@ def model_dir(tiny_model_dir, processor, toy_dir, tmp_path_factory):
     with torch.no_grad():
         hidden = model.model(input_ids=torch.cat([ro.prompt_ids, ro.completion_ids], 1),
                              attention_mask=torch.cat([ro.prompt_mask, ro.completion_mask], 1),
-                             pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"]
+                             pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                             mm_token_type_ids=torch.cat([ro.prompt_types, torch.zeros_like(ro.completion_ids)], 1)
                              ).last_hidden_state[:, ro.prompt_ids.shape[1]:]
         direction = hidden.reshape(-1, hidden.shape[-1]).mean(0)
         model.get_output_embeddings().weight[eos] = direction / direction.norm()
@@ -231,7 +232,8 @@ def test_lora_reference_is_the_sft_model(model_dir, toy_dir, processor, tmp_path
         with torch.no_grad():
             flat = TokenLogprobs(model.eval())(ids, torch.cat([ro.prompt_mask, mask], 1),
                                                torch.cat([torch.zeros_like(ro.prompt_mask), mask], 1),
-                                               batch["pixel_values"], batch["image_grid_thw"])
+                                               batch["pixel_values"], batch["image_grid_thw"],
+                                               torch.cat([ro.prompt_types, torch.zeros_like(mask)], 1))
         return scatter_logprobs(flat, mask)
 
     sft_logp = logprobs(PeftModel.from_pretrained(models.load_policy(model_dir, mode="full", dtype="fp32"), adapter_dir))

@@ -37,7 +37,8 @@ def test_teacher_forced_logprobs_match_generation(tiny_model_dir, processor, toy
     G, T = 2, 0.7
     batch = prompt_batch(processor, problems, repeat=G)
     assert len(set(batch["attention_mask"].sum(1).tolist())) > 1, "prompts should need left padding"
-    inputs = {k: v for k, v in batch.items() if k != "mm_token_type_ids"}
+    inputs = dict(batch)
+    assert inputs["mm_token_type_ids"].sum() > 0              # 3-D M-RoPE positions are in play
     eos = rollout.eos_token_ids(model, processor.tokenizer)
     out = model.generate(**inputs, max_new_tokens=12, do_sample=True, temperature=T, top_k=0, top_p=1.0,
                          output_logits=True, return_dict_in_generate=True, eos_token_id=eos,
@@ -53,10 +54,15 @@ def test_teacher_forced_logprobs_match_generation(tiny_model_dir, processor, toy
     full = {"input_ids": torch.cat([inputs["input_ids"], completion], 1),
             "attention_mask": torch.cat([inputs["attention_mask"], mask], 1),
             "score_mask": torch.cat([torch.zeros_like(inputs["attention_mask"]), mask], 1),
-            "completion_mask": mask, "pixel_values": inputs["pixel_values"], "image_grid_thw": inputs["image_grid_thw"]}
+            "completion_mask": mask, "pixel_values": inputs["pixel_values"], "image_grid_thw": inputs["image_grid_thw"],
+            "mm_token_type_ids": torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(mask)], 1)}
     with torch.no_grad():
         flat = policy(full["input_ids"], full["attention_mask"], full["score_mask"], full["pixel_values"],
-                      full["image_grid_thw"], temperature=T)
+                      full["image_grid_thw"], full["mm_token_type_ids"], temperature=T)
+        # without the type ids the model falls back to 1-D positions: different numbers
+        flat_1d = policy(full["input_ids"], full["attention_mask"], full["score_mask"], full["pixel_values"],
+                         full["image_grid_thw"], temperature=T)
+    assert (flat_1d - flat).abs().max() > 1e-4
     ours = scatter_logprobs(flat, mask)
     assert mask.sum() > len(problems) * G                       # something was generated
     torch.testing.assert_close(ours[mask.bool()], gen_logp[mask.bool()], atol=1e-4, rtol=1e-4)
@@ -66,7 +72,7 @@ def test_teacher_forced_logprobs_match_generation(tiny_model_dir, processor, toy
     sub = select_sequences(full, idx, images_per_seq=[1] * len(mask))
     with torch.no_grad():
         flat_sub = policy(sub["input_ids"], sub["attention_mask"], sub["score_mask"], sub["pixel_values"],
-                          sub["image_grid_thw"], temperature=T)
+                          sub["image_grid_thw"], sub["mm_token_type_ids"], temperature=T)
     torch.testing.assert_close(scatter_logprobs(flat_sub, sub["completion_mask"]), ours[idx], atol=1e-4, rtol=1e-4)
 
 
@@ -77,7 +83,7 @@ def test_generate_never_samples_vision_tokens(tiny_model_dir, processor, toy_dir
     # LM head is set to a large multiple of the final norm's output direction
     torch.manual_seed(0)
     batch = prompt_batch(processor, _problems(toy_dir, 2), repeat=2)
-    inputs = {k: v for k, v in batch.items() if k != "mm_token_type_ids"}
+    inputs = dict(batch)
     with torch.no_grad():
         hidden = model.model(**inputs).last_hidden_state[:, -1].mean(0)
         model.get_output_embeddings().weight[vision] = hidden / hidden.norm() * 50

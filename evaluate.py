@@ -29,11 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from minivr1 import config, data, evaluation, models, rollout
 from minivr1.chat import problem_messages, prompt_batch
-from minivr1.tracking import print0
+from minivr1.tracking import print0, progress_bar
 
 
 @dataclass
@@ -148,7 +147,7 @@ def main(args: Args) -> dict | None:
         part = out / f"predictions.part{state.process_index}.jsonl" if state.num_processes > 1 else preds_path
         repair_tail(part)
         with open(part, "a", buffering=1) as f:
-            for i in tqdm(range(0, len(mine), args.batch_size), desc="eval", disable=not state.is_main_process):
+            for i in progress_bar(range(0, len(mine), args.batch_size), desc="eval", disable=not state.is_main_process):
                 batch = mine[i:i + args.batch_size]
                 ro = rollout.generate(model, processor, prompt_batch(processor, batch, args.system_prompt),
                                       args.max_new_tokens, args.temperature, args.top_p, do_sample=args.temperature > 0)

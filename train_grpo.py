@@ -46,7 +46,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from minivr1 import checkpoint, config, data, grader, models, training
 from minivr1.chat import R1_ZERO_SYSTEM_PROMPT, prompt_batch, select_sequences
@@ -54,7 +53,7 @@ from minivr1.grpo import group_advantages, grpo_loss, zero_variance_fraction
 from minivr1.policy import TokenLogprobs, scatter_logprobs
 from minivr1.rollout import generate
 from minivr1.stages import parse_stages, stage_at
-from minivr1.tracking import Tracker, format_metrics, print0
+from minivr1.tracking import Tracker, format_metrics, print0, progress_bar
 
 
 @dataclass
@@ -155,7 +154,7 @@ def main(args: Args) -> Path:
         return scatter_logprobs(flat, mb["completion_mask"])
 
     stop = training.StopRequested()
-    bar = tqdm(total=total_steps, initial=step, desc="grpo", disable=not accelerator.is_main_process)
+    bar = progress_bar(total=total_steps, initial=step, desc="grpo", disable=not accelerator.is_main_process)
     policy.train()
     while step < total_steps:
         stage_idx, stage = stage_at(stages, step)
@@ -229,8 +228,9 @@ def main(args: Args) -> Path:
                     training.check_finite("loss", loss.detach(), step + 1)
                     accelerator.backward(loss * world * len(micro))
                     if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(policy.parameters(), args.max_grad_norm or float("inf"))
-                        training.check_finite("grad_norm", grad_norm, step + 1)   # a finite loss can still have NaN grads
+                        grad_norm = training.clip_gradients(accelerator, policy, args.max_grad_norm)
+                        if grad_norm is not None:   # a finite loss can still have NaN grads
+                            training.check_finite("grad_norm", grad_norm, step + 1)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 for k, v in stats.items():
@@ -254,7 +254,7 @@ def main(args: Args) -> Path:
                    "accuracy": tot[2].item() / n, "format": tot[3].item() / n, "len": tot[4].item() / n,
                    "len_max": max_len.item(), "truncated": tot[6].item() / n, "zero_var": tot[7].item() / tot[12].item(),
                    "kl": tot[8].item() / max(1.0, tot[10].item()), "clip": tot[9].item() / max(1.0, tot[10].item()),
-                   "loss": tot[13].item(), "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                   "loss": tot[13].item(), "grad_norm": float("nan") if grad_norm is None else grad_norm, "lr": scheduler.get_last_lr()[0],
                    "t_rollout": t_rollout, "t_update": t_update,
                    "tok_per_s": tot[4].item() / max(1e-9, t_rollout + t_update) / world}
         tracker.log(metrics, step)

@@ -32,13 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from minivr1 import checkpoint, config, data, models, training
 from minivr1.chat import SFTCollator
 from minivr1.data import DEFAULT_MAX_PIXELS
 from minivr1.policy import TokenLogprobs
-from minivr1.tracking import Tracker, format_metrics, print0
+from minivr1.tracking import Tracker, format_metrics, print0, progress_bar
 
 
 @dataclass
@@ -120,7 +119,7 @@ def main(args: Args) -> Path:
 
     # ---- loop: one optimizer step = `accum` micro-batches on every process ----
     stop = training.StopRequested()
-    bar = tqdm(total=total_steps, initial=step, desc="sft", disable=not accelerator.is_main_process)
+    bar = progress_bar(total=total_steps, initial=step, desc="sft", disable=not accelerator.is_main_process)
     policy.train()
     t0, tokens_seen = time.time(), 0
     while step < total_steps:
@@ -142,8 +141,8 @@ def main(args: Args) -> Path:
                 # DDP averages gradients over processes and accelerate divides by `accum`:
                 # undo both so the gradient is exactly that of the global token mean.
                 accelerator.backward(loss * world * accum)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                if accelerator.sync_gradients:
+                    grad_norm = training.clip_gradients(accelerator, policy, args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         training.check_finite("loss", loss_sum, step + 1)
@@ -155,7 +154,7 @@ def main(args: Args) -> Path:
         if step % args.logging_steps == 0 or step == total_steps:
             loss_avg = accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "sum").item()
             metrics = {"loss": loss_avg, "lr": scheduler.get_last_lr()[0], "epoch": step / max(1, steps_per_epoch),
-                       "grad_norm": float(grad_norm) if args.max_grad_norm > 0 else float("nan"),
+                       "grad_norm": float("nan") if grad_norm is None else grad_norm,
                        "label_tokens_per_s": tokens_seen / (time.time() - t0)}
             tracker.log(metrics, step)
             bar.set_postfix(loss=f"{loss_avg:.3f}")

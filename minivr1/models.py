@@ -63,6 +63,17 @@ def attn_implementation() -> str:
         return "sdpa"
 
 
+def check_source(path: str | Path) -> None:
+    """Fail early, and clearly, on a local path that does not exist (instead of a hub error)."""
+    text = str(path)
+    if Path(text).expanduser().exists():
+        return
+    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise FileNotFoundError(f"model {text!r}: no such directory, and not a hub id (ORG/NAME). Pass a checkpoint "
+                                f"directory (e.g. runs/toy/sft/final, written by train_sft.py) or a hub id such as "
+                                f"Qwen/Qwen2.5-VL-7B-Instruct")
+
+
 def adapter_base(path: str | Path) -> str | None:
     """The base model of a saved peft adapter directory, or None if `path` is not an adapter."""
     cfg = Path(path) / "adapter_config.json"
@@ -79,6 +90,7 @@ def load_processor(path: str | Path, max_pixels: int | None = None, trust_remote
     """
     from transformers import AutoProcessor, AutoTokenizer
 
+    check_source(path)
     path = adapter_base(path) or path if not (Path(path) / "tokenizer_config.json").is_file() else path
     processor = None
     try:
@@ -115,6 +127,7 @@ def load_policy(path: str | Path, mode: str = "lora", dtype: str = "auto", gradi
 
     if mode not in ("full", "lora", "qlora"):
         raise ValueError(f"mode must be 'full', 'lora' or 'qlora', got {mode!r}")
+    check_source(path)
     torch_dtype = resolve_dtype(dtype)
     base, adapter = (adapter_base(path), path) if adapter_base(path) else (path, None)
     kwargs = dict(dtype=torch_dtype, attn_implementation=attn_implementation(), trust_remote_code=trust_remote_code)

@@ -198,3 +198,14 @@ def format_metrics(metrics: dict, keys: list[str] | None = None) -> str:
     if keys is None:
         keys = ["step"] + [k for k in metrics if k != "step"]
     return " | ".join(f"{k} {format_number(metrics[k])}" for k in keys if k in metrics)
+
+
+def progress_bar(iterable=None, **kwargs):
+    """tqdm with a slower refresh when stderr is not a terminal (CI logs, `nohup`), so a log file
+    gets a progress line every 30 s instead of thousands of carriage-return updates."""
+    import sys
+
+    from tqdm import tqdm
+
+    kwargs.setdefault("mininterval", 0.1 if sys.stderr.isatty() else 30)
+    return tqdm(iterable, **kwargs)

@@ -134,3 +134,11 @@ def disable_dropout(model) -> None:
             m.p = 0.0
         if isinstance(getattr(m, "attention_dropout", None), float):
             m.attention_dropout = 0.0
+
+
+def clip_gradients(accelerator, model, max_norm: float) -> float | None:
+    """Clip the gradient norm to `max_norm` (0 = measure only) and return the norm before
+    clipping; None where the backend clips by itself and reports nothing (DeepSpeed: its
+    config's gradient_clipping)."""
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    return None if norm is None else float(norm)

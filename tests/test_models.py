@@ -1,0 +1,68 @@
+"""Loading modes on the tiny model: full, LoRA, QLoRA (4-bit on CPU), adapter merge and export."""
+import pytest
+import torch
+
+from minivr1 import models
+
+
+def trainable(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_missing_local_path_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        models.load_policy(tmp_path / "nope" / "final", mode="full")
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        models.load_processor("runs/does/not/exist")
+
+
+def test_full_mode_freezes_the_vision_tower_by_default(tiny_model_dir):
+    names = trainable(models.load_policy(tiny_model_dir, mode="full", dtype="fp32"))
+    assert names and not any(n.startswith("model.visual") for n in names)
+    assert any(n.startswith("model.visual") for n in
+               trainable(models.load_policy(tiny_model_dir, mode="full", dtype="fp32", freeze_vision=False)))
+
+
+def test_lora_trains_only_language_model_adapters(tiny_model_dir):
+    model = models.load_policy(tiny_model_dir, mode="lora", dtype="fp32", lora_r=4, lora_alpha=8)
+    names = trainable(model)
+    assert names and all("lora_" in n for n in names)
+    assert all("language_model" in n for n in names)          # none in the vision tower
+
+
+def test_qlora_keeps_vision_tower_unquantized_and_trains(tiny_model_dir, processor, toy_dir):
+    import bitsandbytes as bnb  # noqa: F401
+    from minivr1 import data
+    from minivr1.chat import SFTCollator
+
+    model = models.load_policy(tiny_model_dir, mode="qlora", lora_r=4, lora_alpha=8)
+    linear4 = [n for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"]
+    assert linear4 and not any("visual" in n for n in linear4)
+    convs, _ = data.read_sft(toy_dir / "data" / "cold_start.json")
+    batch = SFTCollator(processor, 512)(convs[:2])
+    loss = model(**batch).loss
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads) and torch.isfinite(loss)
+
+
+def test_adapter_dir_loads_merged_and_exports(tiny_model_dir, tmp_path):
+    lora = models.load_policy(tiny_model_dir, mode="lora", dtype="fp32", lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    lora.save_pretrained(tmp_path / "adapter")
+    models.load_processor(tiny_model_dir).save_pretrained(tmp_path / "adapter")
+    assert models.adapter_base(tmp_path / "adapter") == str(tiny_model_dir)
+
+    ids = torch.tensor([[1, 5, 9, 12, 40]])
+    with torch.no_grad():
+        want = lora.eval()(input_ids=ids).logits
+        merged = models.load_for_inference(tmp_path / "adapter", dtype="fp32", device="cpu")
+        torch.testing.assert_close(merged(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+        out = models.merge_adapter(tmp_path / "adapter", tmp_path / "merged", dtype="fp32")
+        assert not (out / "adapter_config.json").exists()      # a plain checkpoint
+        plain = models.load_for_inference(out, dtype="fp32", device="cpu")
+        torch.testing.assert_close(plain(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)

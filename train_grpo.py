@@ -81,7 +81,7 @@ class Args:
     loss_aggregation: str = field(default="seq_mean", metadata={"help": "seq_mean (paper's equation) or token_mean (EasyR1/DAPO)", "choices": ["seq_mean", "token_mean"]})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature; log-probs are computed at the same temperature"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling (1.0 = off; anything else biases the ratio)"})
-    reward: str = field(default="hfrrf", metadata={"help": "reward function from minivr1.grader.REWARDS: hfrrf (1 iff format and answer right) or zero (format + result 1:1)"})
+    reward: str = field(default="hfrrf", metadata={"help": "reward: hfrrf (1 iff format and answer right), zero (format + result 1:1), format, accuracy, or your own as 'module:function' taking (completion_text, gold_answer, **meta) -> float"})
     system_prompt: str = field(default="none", metadata={"help": "'none' (Vision-R1), 'r1_zero' (the Zero baseline's R1-Zero prompt), or a literal prompt"})
     dtype: str = field(default="auto", metadata={"help": "weight dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward to save memory"})
@@ -111,7 +111,7 @@ def main(args: Args) -> Path:
     # Sampling draws from torch's global RNG: seed it (per process, so ranks sample independently);
     # a resume restores the saved RNG states over this.
     torch.manual_seed(args.seed + rank)
-    reward_fn = grader.REWARDS[args.reward]
+    reward_fn = grader.load_reward(args.reward)
     system_prompt = {"none": None, "r1_zero": R1_ZERO_SYSTEM_PROMPT}.get(args.system_prompt, args.system_prompt)
     out = Path(args.output_dir)
 

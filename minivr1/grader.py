@@ -455,3 +455,22 @@ def zero_reward(text: str, gold: str, **meta) -> float:
 
 
 REWARDS = {"hfrrf": hfrrf_reward, "zero": zero_reward, "format": format_reward, "accuracy": accuracy_reward}
+
+
+def load_reward(name: str):
+    """A reward function by name ("hfrrf", "zero", ...) or import path "package.module:function".
+
+    A custom reward is a pure function (completion_text, gold_answer, **meta) -> float, where
+    meta holds the problem's choices / answer_type / precision.
+    """
+    if name in REWARDS:
+        return REWARDS[name]
+    module, sep, attr = name.partition(":")
+    if not sep:
+        raise ValueError(f"unknown reward {name!r}: use one of {sorted(REWARDS)} or 'module:function'")
+    import importlib
+
+    fn = getattr(importlib.import_module(module), attr, None)
+    if not callable(fn):
+        raise ValueError(f"reward {name!r}: {module} has no function {attr!r}")
+    return fn

@@ -15,6 +15,8 @@ The generator is deterministic given the seed. It writes
     rl_train.jsonl, eval.jsonl     RL format: {"id", "images": ["images/<id>.png"], "problem", "answer"}
                                    (+ "choices", "question_type", "answer_type", "category" for scoring)
     cold_start.json                Vision-R1-cold format (LLaMA-Factory sharegpt) with R1-style traces
+    instruct.json                  the same format with direct answers (no reasoning): to build the
+                                   toy's "instruct model", the starting point of the Zero baseline
 
 The cold-start traces read like R1's: the model looks, counts colour by colour, questions
 itself ("Wait, ...") and answers as `<think> ... </think><answer> ... </answer>`. They vary in
@@ -238,6 +240,16 @@ def generate(out_dir: str | Path, n_train: int = 2000, n_eval: int = 200, n_cold
             {"from": "gpt", "value": cold_start_trace(scene, q, rng, n_waits, flawed)}]})
     paths["cold_start"] = out / "cold_start.json"
     paths["cold_start"].write_text(json.dumps(cold, indent=1))
+
+    # The toy analogue of an instruct model's training data: the same kind of problems answered
+    # directly, no reasoning. The Vision-R1-Zero baseline starts RL from a model SFT'd on this.
+    instruct = []
+    for pid, scene, q in problems("instruct", n_cold):
+        instruct.append({"id": pid, "images": [f"images/{pid}.png"], "conversations": [
+            {"from": "human", "value": "<image>" + q["question"]},
+            {"from": "gpt", "value": direct_answer(scene, q)}]})
+    paths["instruct"] = out / "instruct.json"
+    paths["instruct"].write_text(json.dumps(instruct, indent=1))
     return paths
 
 

@@ -4,6 +4,8 @@ import time
 
 import pytest
 
+from minivr1 import grader
+
 from minivr1.grader import (
     REWARDS,
     Parsed,
@@ -252,3 +254,12 @@ def test_hard_math_is_bounded_in_time():
     assert time.perf_counter() - t0 < 2.0
     assert is_equivalent("(" * 45 + "2" + ")" * 45, "2")  # deep but within MAX_DEPTH
     assert is_equivalent("\\sqrt{" * 3 + "256" + "}" * 3, "2")
+
+
+def test_load_reward_by_name_and_import_path():
+    assert grader.load_reward("hfrrf") is grader.hfrrf_reward
+    assert grader.load_reward("minivr1.grader:format_reward") is grader.format_reward
+    with pytest.raises(ValueError, match="unknown reward"):
+        grader.load_reward("nope")
+    with pytest.raises(ValueError, match="no function"):
+        grader.load_reward("minivr1.grader:nope")

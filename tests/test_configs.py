@@ -1,0 +1,46 @@
+"""Every YAML preset in configs/ parses against its script's arguments (no stray or misspelt
+keys), GRPO presets have valid PTST stages, and the real-size architectures have the right size."""
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from minivr1 import config, stages, tiny
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def script_args(name: str):
+    if "grpo" in name:
+        import train_grpo
+        return train_grpo.Args
+    if "sft" in name:
+        import train_sft
+        return train_sft.Args
+    import evaluate
+    return evaluate.Args
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_preset_parses(path):
+    Args = script_args(path.name)
+    args = config.parse_args(Args, ["--config", str(path)])
+    if "grpo" in path.name:
+        assert stages.parse_stages(args.stages)
+
+
+def test_paper_ptst_preset_is_the_papers():
+    spec = yaml.safe_load((Path(__file__).parent.parent / "configs" / "grpo_vision_r1.yaml").read_text())
+    assert spec["stages"] == "4096x16:100,8192x8:100" and spec["beta"] == 0.01 and spec["epsilon"] == 0.2
+
+
+@pytest.mark.parametrize("size, billions", [("3b", 3.75), ("7b", 8.29)])
+def test_real_architectures_have_real_sizes(size, billions):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    cfg = tiny.build_config(size, tiny.build_tokenizer())
+    with torch.device("meta"):                         # no memory: shapes only
+        model = Qwen2_5_VLForConditionalGeneration(cfg)
+    n = sum(p.numel() for p in model.parameters()) / 1e9
+    assert abs(n - billions) / billions < 0.02, n

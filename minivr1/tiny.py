@@ -135,8 +135,8 @@ if __name__ == "__main__":
     import argparse
 
     p = argparse.ArgumentParser(description="Build a randomly initialised Qwen2.5-VL checkpoint (no hub).")
-    p.add_argument("size", choices=sorted(SIZES))
-    p.add_argument("out_dir")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("size", choices=sorted(SIZES), help="tiny (unit tests), small (demos), 3b or 7b (real architectures, GPU)")
+    p.add_argument("out_dir", help="directory to write the checkpoint (config, weights, tokenizer, processor) to")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
     a = p.parse_args()
     print(build(a.size, a.out_dir, a.seed))

@@ -23,7 +23,7 @@ itself ("Wait, ...") and answers as `<think> ... </think><answer> ... </answer>`
 length, and some are deliberately flawed, so SFT teaches format and style but not perfect
 accuracy, leaving room for RL. The flaw is the paper's "overthinking" in miniature: a trace
 that keeps second-guessing ("Wait, ... let me recount") talks itself out of a correct count in
-60% of the traces with two or more reflections, while the short, direct traces are right. So, like Vision-R1-CI,
+80% of the traces with two or more reflections, while the short, direct traces are right. So, like Vision-R1-CI,
 the SFT model's long answers are less accurate than its short ones; RL with a short length
 limit (PTST stage 1) has a reason to shorten them. Flaws are decided by the seeded generator,
 not by the image, so no model can predict which traces are flawed from the input.
@@ -195,8 +195,8 @@ def direct_answer(scene: Scene, q: dict) -> str:
 # Writing a dataset
 
 
-def generate(out_dir: str | Path, n_train: int = 2000, n_eval: int = 200, n_cold: int = 1000,
-             seed: int = 0, flaw_rate_long: float = 0.6, kinds: list[str] = KINDS) -> dict:
+def generate(out_dir: str | Path, n_train: int = 2000, n_eval: int = 500, n_cold: int = 1000,
+             seed: int = 0, flaw_rate_long: float = 0.8, kinds: list[str] = KINDS) -> dict:
     """Write the toy task to `out_dir` (see the module docstring). Returns the paths written.
 
     `n_cold` cold-start records use their own scenes (drawn from the same distribution as the
@@ -242,12 +242,21 @@ def generate(out_dir: str | Path, n_train: int = 2000, n_eval: int = 200, n_cold
     paths["cold_start"].write_text(json.dumps(cold, indent=1))
 
     # The toy analogue of an instruct model's training data: the same kind of problems answered
-    # directly, no reasoning. The Vision-R1-Zero baseline starts RL from a model SFT'd on this.
+    # without reasoning. Like a real instruct model it also follows a format instruction: under
+    # the R1-Zero system prompt (every other record) it answers in the tags with a one-line
+    # "thought". The Vision-R1-Zero baseline starts RL from a model SFT'd on this.
+    from minivr1.chat import R1_ZERO_SYSTEM_PROMPT
+
     instruct = []
-    for pid, scene, q in problems("instruct", n_cold):
-        instruct.append({"id": pid, "images": [f"images/{pid}.png"], "conversations": [
+    for k, (pid, scene, q) in enumerate(problems("instruct", n_cold)):
+        record = {"id": pid, "images": [f"images/{pid}.png"], "conversations": [
             {"from": "human", "value": "<image>" + q["question"]},
-            {"from": "gpt", "value": direct_answer(scene, q)}]})
+            {"from": "gpt", "value": direct_answer(scene, q)}]}
+        if k % 2:
+            record["system"] = R1_ZERO_SYSTEM_PROMPT
+            record["conversations"][1]["value"] = (f"<think>\nThe answer is {q['answer']}.\n</think>\n"
+                                                   f"<answer>{q['answer']}</answer>")
+        instruct.append(record)
     paths["instruct"] = out / "instruct.json"
     paths["instruct"].write_text(json.dumps(instruct, indent=1))
     return paths
@@ -255,8 +264,10 @@ def generate(out_dir: str | Path, n_train: int = 2000, n_eval: int = 200, n_cold
 
 def corpus(n: int = 300, seed: int = 1234) -> list[str]:
     """Text that covers the toy task's vocabulary, for training the tiny models' tokenizer."""
+    from minivr1.chat import R1_ZERO_SYSTEM_PROMPT
+
     rng = random.Random(seed)
-    texts = []
+    texts = [R1_ZERO_SYSTEM_PROMPT, "You are a helpful assistant."] * 20    # the system prompts, as whole words
     for i in range(n):
         scene = random_scene(rng)
         kind = KINDS[i % 3]
@@ -275,7 +286,7 @@ if __name__ == "__main__":
                                             "optionally, a randomly initialised base model to start from.")
     p.add_argument("out_dir", help="e.g. runs/toy: data goes to OUT_DIR/data, the model to OUT_DIR/base")
     p.add_argument("--n_train", type=int, default=2000, help="RL training problems")
-    p.add_argument("--n_eval", type=int, default=200, help="held-out evaluation problems")
+    p.add_argument("--n_eval", type=int, default=500, help="held-out evaluation problems")
     p.add_argument("--n_cold", type=int, default=4000, help="cold-start SFT conversations")
     p.add_argument("--seed", type=int, default=0, help="generator seed (everything is deterministic given it)")
     p.add_argument("--model_size", default="small", choices=["none", "tiny", "small"],

@@ -9,6 +9,14 @@ ways to run it:
     python evaluate.py --model Qwen/Qwen2.5-VL-7B-Instruct --data testmini.json --image_root mathvista/ \
         --output_dir runs/mathvista --max_new_tokens 16000
    Several GPUs: `accelerate launch evaluate.py ...` splits the problems across processes.
+   Or generate through an OpenAI-compatible server (e.g. `vllm serve runs/vision-r1/final`), at the
+   server's speed and with the same scoring; the key, if the server needs one, is read from the
+   environment variable named by --api_key_env and never printed or saved:
+    python evaluate.py --api_base http://localhost:8000/v1 --api_model runs/vision-r1/final \
+        --data testmini.json --image_root mathvista/ --output_dir runs/mathvista --concurrency 64
+   Images go inline (base64 data URLs); a server's separate reasoning field is put back between
+   <think> tags (minivr1.backends.raw_response); lengths are the server's usage.completion_tokens,
+   or words where it reports none (summary.json's length_unit says which).
 2. Score predictions made elsewhere (e.g. by vLLM), no model needed: records in the benchmark
    schema plus a `response` field:
     python evaluate.py --predictions preds.jsonl --output_dir runs/scored [--tokenizer MODEL]
@@ -30,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from minivr1 import config, data, evaluation, models, rollout
+from minivr1 import backends, config, data, evaluation, models, rollout
 from minivr1.chat import problem_messages, prompt_batch
 from minivr1.tracking import print0, progress_bar
 
@@ -56,6 +64,11 @@ class Args:
     seed: int = field(default=0, metadata={"help": "sampling seed"})
     skip_bad_records: bool = field(default=False, metadata={"help": "skip malformed records (counted and reported) instead of stopping"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow custom model code from the checkpoint"})
+    api_base: str | None = field(default=None, metadata={"help": "generate through an OpenAI-compatible server instead of --model: its base URL, e.g. http://localhost:8000/v1 (vllm serve)"})
+    api_model: str | None = field(default=None, metadata={"help": "with --api_base: the model name the server serves"})
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "with --api_base: NAME of the environment variable holding the API key (unset: no key); the key is never printed or saved"})
+    concurrency: int = field(default=32, metadata={"help": "with --api_base: requests in flight at once"})
+    request_timeout: float = field(default=1200.0, metadata={"help": "with --api_base: seconds to wait for a reply before retrying (429, 5xx and timeouts are retried with backoff)"})
 
 
 def load_done(path: Path) -> dict[str, dict]:
@@ -103,13 +116,32 @@ def one_off(args: Args) -> None:
           f"{int(ro.completion_mask.sum())} tokens]")
 
 
+def generate_via_api(args: Args, todo: list, preds_path: Path) -> None:
+    """Generate through an OpenAI-compatible server, appending each record as its reply arrives."""
+    server = backends.OpenAIBackend(args.api_base, args.api_model, args.api_key_env, args.concurrency,
+                                    args.request_timeout)
+    sampling = backends.Sampling(args.max_new_tokens, args.temperature, args.top_p)
+    by_id = {p.id: p for p in todo}
+    requests = (backends.ChatRequest(p.id, p.question, p.images, args.system_prompt) for p in todo)
+    with open(preds_path, "a", buffering=1) as f:
+        for r in progress_bar(server.complete(requests, sampling), total=len(todo), desc="eval"):
+            response = backends.raw_response(r.content, r.reasoning)
+            n = r.completion_tokens if r.completion_tokens is not None else len(response.split())
+            record = evaluation.score(by_id[r.key], response, n)
+            record["length_unit"] = "tokens" if r.completion_tokens is not None else "words"
+            f.write(json.dumps(record) + "\n")
+
+
 def main(args: Args) -> dict | None:
     if args.image or args.question:
         if not (args.image and args.question and args.model):
             raise SystemExit("one-off mode needs --model, --image and --question")
         return one_off(args)
-    if bool(args.predictions) == bool(args.model):
-        raise SystemExit("pass either --model (with --data) to generate, or --predictions to score existing responses")
+    if sum(map(bool, (args.predictions, args.model, args.api_base))) != 1:
+        raise SystemExit("pass either --model or --api_base (with --data) to generate, or --predictions to score "
+                         "existing responses")
+    if args.api_base and not (args.api_model and args.data):
+        raise SystemExit("--api_base needs --api_model (the served model's name) and --data")
     out = Path(args.output_dir)
     preds_path = out / "predictions.jsonl"
 
@@ -125,6 +157,21 @@ def main(args: Args) -> dict | None:
         out.mkdir(parents=True, exist_ok=True)
         data.write_jsonl(preds_path, records)
         summary = evaluation.summarize(records, "tokens" if tok else "words")
+    elif args.api_base:                       # ---- generate through a server, resumably ----
+        problems, report = data.read_problems(args.data, args.image_root, skip_bad=args.skip_bad_records)
+        print0(report.summary())
+        problems = problems[:args.limit] if args.limit else problems
+        out.mkdir(parents=True, exist_ok=True)
+        repair_tail(preds_path)
+        done = load_done(preds_path)
+        todo = [p for p in problems if p.id not in done]
+        print0(f"{len(problems)} problems, {len(done)} already in {preds_path}, {len(todo)} to generate")
+        generate_via_api(args, todo, preds_path)
+        done = load_done(preds_path)
+        records = [done[p.id] for p in problems if p.id in done]
+        units = {r.get("length_unit", "tokens") for r in records}
+        summary = evaluation.summarize(records, units.pop() if len(units) == 1 else
+                                       "mixed: tokens where the server reported usage, else words")
     else:                                     # ---- generate, resumably ----
         if not args.data:
             raise SystemExit("--model needs --data (the benchmark file)")
@@ -166,10 +213,10 @@ def main(args: Args) -> dict | None:
         done = load_done(preds_path)
         records = [done[p.id] for p in problems if p.id in done]
         summary = evaluation.summarize(records)
-    summary.update({"model": args.model, "data": args.data or args.predictions, "temperature": args.temperature,
+    summary.update({"model": args.model or args.api_model, "data": args.data or args.predictions, "temperature": args.temperature,
                     "top_p": args.top_p, "max_new_tokens": args.max_new_tokens})
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print0(evaluation.format_summary(summary, title=f"{args.model or args.predictions}: "))
+    print0(evaluation.format_summary(summary, title=f"{args.model or args.api_model or args.predictions}: "))
     return summary
 
 

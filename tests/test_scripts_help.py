@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["train_sft.py", "train_grpo.py", "evaluate.py"]
+SCRIPTS = ["train_sft.py", "train_grpo.py", "evaluate.py", "bridge.py"]
 # python -m module --help: what each must mention (positional arguments, options, sub-commands)
 MODULES = {
     "minivr1.toy": ["out_dir", "--n_train", "--n_eval", "--n_cold", "--seed", "--model_size"],

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 import time
 from contextlib import nullcontext
@@ -46,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
 
 from minivr1 import checkpoint, config, data, grader, models, training
 from minivr1.chat import R1_ZERO_SYSTEM_PROMPT, prompt_batch, select_sequences
@@ -145,12 +147,28 @@ def main(args: Args) -> Path:
     print0(f"GRPO: {len(problems)} problems, {args.prompts_per_step} prompts/step over {world} processes, "
            f"stages {' -> '.join(str(s) for s in stages)}, {total_steps} steps, reward {args.reward}, beta {args.beta}")
 
+    # A group's G sequences share their prompt: the rollout prefills it once per group, and the log-prob
+    # forwards run it once per group and reuse its KV cache (rollout.generate, TokenLogprobs docstrings):
+    # the same numbers for less compute. Not under FSDP / DeepSpeed (untested there; ZeRO-3 generation needs
+    # ranks stepping in sync), and the log-prob forwards not with gradient checkpointing (it drops the cache).
+    share_prompts = accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU,
+                                                     DistributedType.MULTI_GPU)
+    share_prompts_in_forward = share_prompts and not args.gradient_checkpointing
+
     def logprobs(module, b, idx, no_grad: bool):
         """Log-probs [s, C] of the completion tokens of sequences `idx` under `module`."""
         mb = select_sequences(b, idx, images_per_seq)
+        shared = {}
+        if share_prompts_in_forward:    # idx is a contiguous range: its sequences of one problem are consecutive
+            groups = [len(list(g)) for _, g in itertools.groupby(idx, key=lambda s: s // G)]
+            firsts = [idx[i] for i in itertools.accumulate([0] + groups[:-1])]
+            mb.update({k: v for k, v in select_sequences(b, firsts, images_per_seq).items()
+                       if k in ("pixel_values", "image_grid_thw")})      # each group's images once
+            shared = {"prompt_len": P, "group_sizes": groups}
         with torch.no_grad() if no_grad else nullcontext():
             flat = module(mb["input_ids"], mb["attention_mask"], mb["score_mask"], mb.get("pixel_values"),
-                          mb.get("image_grid_thw"), mb.get("mm_token_type_ids"), temperature=args.temperature)
+                          mb.get("image_grid_thw"), mb.get("mm_token_type_ids"), temperature=args.temperature,
+                          **shared)
         return scatter_logprobs(flat, mb["completion_mask"])
 
     stop = training.StopRequested()
@@ -171,7 +189,8 @@ def main(args: Args) -> Path:
         t0 = time.time()
         prompts = prompt_batch(processor, batch_problems, system_prompt, repeat=G)
         gen_model.eval()
-        ro = generate(gen_model, processor, prompts, L, args.temperature, args.top_p)
+        ro = generate(gen_model, processor, prompts, L, args.temperature, args.top_p,
+                      group_size=G if share_prompts else 1)
         policy.train()
         t_rollout = time.time() - t0
 

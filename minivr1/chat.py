@@ -64,20 +64,23 @@ def problem_messages(question: str, n_images: int, system_prompt: str | None = N
 def prompt_batch(processor, problems, system_prompt: str | None = None, repeat: int = 1):
     """Tokenised, left-padded prompts for generation, each problem repeated `repeat` times in a row.
 
-    Repeating the problems before processing (rather than repeating tensors after) keeps each
-    sequence's pixel_values block next to its own image_grid_thw rows, in order (pitfall 12).
+    Each problem is processed once; its rows and its pixel_values block are then repeated in place
+    (`select_sequences`), so each sequence's block stays next to its own image_grid_thw rows, in
+    order (pitfall 12). The same tensors as processing the repeated list, without redoing the images.
     Returns the processor's BatchFeature: input_ids, attention_mask, pixel_values, image_grid_thw.
     """
-    texts, images = [], []
+    texts, images, counts = [], [], []
     for p in problems:
         imgs = [ref.load() for ref in p.images]
-        text = processor.apply_chat_template(problem_messages(p.question, len(imgs), system_prompt),
-                                             add_generation_prompt=True, tokenize=False)
-        for _ in range(repeat):
-            texts.append(text)
-            images.extend(imgs)
+        texts.append(processor.apply_chat_template(problem_messages(p.question, len(imgs), system_prompt),
+                                                   add_generation_prompt=True, tokenize=False))
+        images.extend(imgs)
+        counts.append(len(imgs))
     processor.tokenizer.padding_side = "left"
-    return processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+    batch = processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+    if repeat > 1:
+        batch = type(batch)(select_sequences(batch, [i for i in range(len(problems)) for _ in range(repeat)], counts))
+    return batch
 
 
 class SFTCollator:

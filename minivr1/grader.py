@@ -433,7 +433,8 @@ def _meta(meta: dict) -> dict:
     return {k: meta.get(k) for k in ("choices", "answer_type", "precision")}
 
 
-def format_reward(text: str) -> float:
+def format_reward(text: str, gold: str | None = None, **meta) -> float:
+    """1.0 iff the format is right; takes (and ignores) the answer, like every reward function."""
     return 1.0 if parse_response(text).format_ok else 0.0
 
 

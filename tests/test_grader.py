@@ -263,3 +263,11 @@ def test_load_reward_by_name_and_import_path():
         grader.load_reward("nope")
     with pytest.raises(ValueError, match="no function"):
         grader.load_reward("minivr1.grader:nope")
+
+
+@pytest.mark.parametrize("name", sorted(grader.REWARDS))
+def test_every_reward_takes_the_trainers_arguments(name):
+    # train_grpo calls reward_fn(text, answer, **problem.grading_meta())
+    value = grader.REWARDS[name]("<think>x</think><answer>3</answer>", "3", choices=None, answer_type="integer",
+                                 precision=None)
+    assert value == 1.0

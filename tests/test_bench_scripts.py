@@ -1,0 +1,58 @@
+"""The benchmark scripts run end to end at tiny sizes on a CPU and print their tables (the real
+measurements are in docs/benchmarks.md): bench/bench_logprob_memory.py --quick (small V and N, each
+configuration in its own subprocess) and bench/bench_gpu_step.py on the tiny model with a CPU."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+
+
+def run(args, timeout=120) -> str:
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def table_rows(text: str, first_header: str) -> list[list[str]]:
+    """The body rows of the markdown table whose first header cell is `first_header`."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+def test_logprob_memory_quick(tmp_path):
+    out = run(["bench/bench_logprob_memory.py", "--quick", "--threads", "1", "--json", tmp_path / "r.json"])
+    rows = table_rows(out, "sequences x tokens")
+    assert [r[0] for r in rows] == ["1 x 64", "4 x 128"]
+    for r in rows:                                    # ours, plain: "<memory> MiB|GiB, <seconds> s"; then ratio
+        assert all(re.fullmatch(r"\d+(\.\d+)? (MiB|GiB), \d+\.\d s", c) for c in r[3:5]), r
+        assert re.fullmatch(r"\d+\.\dx", r[5]), r
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert {r["method"] for r in results} == {"ours", "plain"}
+    assert all(r["status"] == "ok" and r["finite"] and r["peak_reset"] for r in results)
+
+
+def test_gpu_step_runs_tiny_on_cpu(tmp_path):
+    out = run(["bench/bench_gpu_step.py", "--size", "tiny", "--device", "cpu", "--completion_length", 16,
+               "--group_size", 2, "--image_size", 56, "--modes", "lora,full", "--work_dir", tmp_path,
+               "--json", tmp_path / "r.json"])
+    rows = table_rows(out, "trainer")
+    assert [(r[0], r[1], r[2]) for r in rows] == [("minivr1", "lora", "sdpa"), ("minivr1", "full", "sdpa")]
+    for r in rows:
+        assert float(r[4]) > 0 and float(r[6]) > 0 and r[10] == "16", r     # rollout, update tok/s; full length
+    options = table_rows(out, "cache")
+    assert [r[0] for r in options] == ["dynamic", "static"] and all(float(r[1]) > 0 for r in options)
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert all(r["status"] == "ok" and r["update_flops"] > 0 for r in results["ours"])
+    assert results["P"] > results["patches"] // 4 > 0          # the prompt holds the image's tokens

@@ -149,8 +149,8 @@ def run_stage(title: str, path: Path, problems: list, backend, sampling: Samplin
     (optional) is shown in the progress bar as the running count of replies the filter would drop.
     Returns every record of the file by id.
     """
-    bridging.repair_tail(path)
-    done = bridging.read_stage(path)
+    data.repair_tail(path)
+    done = data.read_done(path)
     todo = [p for p in problems if p.id not in done]
     print0(f"{title}: {len(problems)} records, {len(problems) - len(todo)} already in {path.name}, {len(todo)} to do")
     if not todo:

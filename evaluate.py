@@ -71,36 +71,6 @@ class Args:
     request_timeout: float = field(default=1200.0, metadata={"help": "with --api_base: seconds to wait for a reply before retrying (429, 5xx and timeouts are retried with backoff)"})
 
 
-def load_done(path: Path) -> dict[str, dict]:
-    """Records already in predictions.jsonl, by id (a torn last line from a crash is ignored)."""
-    done = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-                done[rec["id"]] = rec
-            except (json.JSONDecodeError, KeyError):
-                continue
-    return done
-
-
-def repair_tail(path: Path) -> None:
-    """End the file with a newline so appended records start a line of their own: a torn last line
-    (a crash mid-write, which load_done ignores) is cut off, so its problem is generated again."""
-    if not path.exists():
-        return
-    with open(path, "rb+") as f:
-        text = f.read()
-        if not text or text.endswith(b"\n"):
-            return
-        start = text.rfind(b"\n") + 1
-        try:
-            json.loads(text[start:])
-            f.write(b"\n")                    # a complete record that only lacks its newline
-        except ValueError:
-            f.truncate(start)
-
-
 def one_off(args: Args) -> None:
     from transformers import TextStreamer
 
@@ -162,12 +132,12 @@ def main(args: Args) -> dict | None:
         print0(report.summary())
         problems = problems[:args.limit] if args.limit else problems
         out.mkdir(parents=True, exist_ok=True)
-        repair_tail(preds_path)
-        done = load_done(preds_path)
+        data.repair_tail(preds_path)
+        done = data.read_done(preds_path)
         todo = [p for p in problems if p.id not in done]
         print0(f"{len(problems)} problems, {len(done)} already in {preds_path}, {len(todo)} to generate")
         generate_via_api(args, todo, preds_path)
-        done = load_done(preds_path)
+        done = data.read_done(preds_path)
         records = [done[p.id] for p in problems if p.id in done]
         units = {r.get("length_unit", "tokens") for r in records}
         summary = evaluation.summarize(records, units.pop() if len(units) == 1 else
@@ -180,7 +150,7 @@ def main(args: Args) -> dict | None:
         problems, report = data.read_problems(args.data, args.image_root, skip_bad=args.skip_bad_records)
         print0(report.summary())
         problems = problems[:args.limit] if args.limit else problems
-        done = load_done(preds_path)
+        done = data.read_done(preds_path)
         todo = [p for p in problems if p.id not in done]
         print0(f"{len(problems)} problems, {len(done)} already in {preds_path}, {len(todo)} to generate")
         model = models.load_for_inference(args.model, args.dtype, device=str(state.device),
@@ -192,7 +162,7 @@ def main(args: Args) -> dict | None:
             out.mkdir(parents=True, exist_ok=True)
         state.wait_for_everyone()
         part = out / f"predictions.part{state.process_index}.jsonl" if state.num_processes > 1 else preds_path
-        repair_tail(part)
+        data.repair_tail(part)
         with open(part, "a", buffering=1) as f:
             for i in progress_bar(range(0, len(mine), args.batch_size), desc="eval", disable=not state.is_main_process):
                 batch = mine[i:i + args.batch_size]
@@ -204,13 +174,13 @@ def main(args: Args) -> dict | None:
         if not state.is_main_process:
             return None
         if state.num_processes > 1:           # merge the per-process parts into predictions.jsonl
-            repair_tail(preds_path)
+            data.repair_tail(preds_path)
             with open(preds_path, "a") as f:
                 for k in range(state.num_processes):
                     p = out / f"predictions.part{k}.jsonl"
                     f.write(p.read_text())
                     p.unlink()
-        done = load_done(preds_path)
+        done = data.read_done(preds_path)
         records = [done[p.id] for p in problems if p.id in done]
         summary = evaluation.summarize(records)
     summary.update({"model": args.model or args.api_model, "data": args.data or args.predictions, "temperature": args.temperature,

@@ -135,11 +135,7 @@ def main(args: Args) -> Path:
     accelerator.register_for_checkpointing(scheduler)
     gen_model = accelerator.unwrap_model(policy).model   # generate() runs outside DDP's forward
 
-    step = 0
-    ckpt = checkpoint.latest_checkpoint(out) if args.resume == "auto" else (Path(args.resume) if args.resume else None)
-    if ckpt is not None:
-        step = checkpoint.load_checkpoint(accelerator, ckpt)["step"]
-        print0(f"resumed from {ckpt} at step {step}")
+    step = training.resume_step(accelerator, out, args.resume)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         config.save_args(args, out / "args.json")
@@ -299,14 +295,7 @@ def main(args: Args) -> Path:
     finished = step >= total_steps              # else stopped early: the checkpoint is the result
     if finished:
         final = out / "final"
-        accelerator.wait_for_everyone()
-        unwrapped = accelerator.unwrap_model(policy).model
-        state_dict = accelerator.get_state_dict(policy)
-        if accelerator.is_main_process:
-            state_dict = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")} if state_dict else None
-            unwrapped.save_pretrained(final, state_dict=state_dict, safe_serialization=True)
-            processor.save_pretrained(final)
-            print0(f"saved {final}")
+        training.save_final(accelerator, policy, processor, final)
     accelerator.wait_for_everyone()
     # Free the DDP model and optimizer before the process group goes: with gloo, tearing it down
     # with them alive aborts at exit in a fraction of runs (cpu-stack.md). free_memory() drops

@@ -105,11 +105,7 @@ def main(args: Args) -> Path:
     policy, optimizer = accelerator.prepare(policy, optimizer)
     accelerator.register_for_checkpointing(scheduler)
 
-    step = 0
-    ckpt = checkpoint.latest_checkpoint(out) if args.resume == "auto" else (Path(args.resume) if args.resume else None)
-    if ckpt is not None:
-        step = checkpoint.load_checkpoint(accelerator, ckpt)["step"]
-        print0(f"resumed from {ckpt} at step {step}")
+    step = training.resume_step(accelerator, out, args.resume)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         config.save_args(args, out / "args.json")
@@ -175,20 +171,11 @@ def main(args: Args) -> Path:
 
     # ---- final save: an ordinary HF directory (full weights or the LoRA adapter) ----
     final = out / "final"
-    accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(policy).model
-    state_dict = accelerator.get_state_dict(policy)
-    if accelerator.is_main_process:
-        prefix = "model."
-        state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)} if state_dict else None
-        unwrapped.save_pretrained(final, state_dict=state_dict, safe_serialization=True)
-        processor.save_pretrained(final)
-        print0(f"saved {final}")
-    accelerator.wait_for_everyone()
+    training.save_final(accelerator, policy, processor, final)
     # Free the DDP model and optimizer before the process group goes: with gloo, tearing it down
     # with them alive aborts at exit in a fraction of runs (cpu-stack.md). free_memory() drops
     # accelerate's own references to them and runs gc.collect().
-    del policy, optimizer, unwrapped, state_dict
+    del policy, optimizer
     accelerator.free_memory()
     accelerator.end_training()
     return final

@@ -101,37 +101,6 @@ def reasoning_prompt(problem: Problem, description: str, give_answer: bool = Fal
 # ----------------------------------------------------------------------------- stage files
 
 
-def read_stage(path: Path) -> dict[str, dict]:
-    """Records of a stage file by id; the first of duplicate ids wins; unparsable lines (a line
-    torn by a kill mid-write) are skipped, so their records are simply redone."""
-    done = {}
-    if path.exists():
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                    done.setdefault(record["id"], record)
-                except (ValueError, KeyError, TypeError):
-                    continue
-    return done
-
-
-def repair_tail(path: Path) -> None:
-    """Cut a torn last line (a kill mid-write) so the next append starts on a line of its own."""
-    if not path.exists():
-        return
-    with open(path, "rb+") as f:
-        text = f.read()
-        if not text or text.endswith(b"\n"):
-            return
-        start = text.rfind(b"\n") + 1
-        try:
-            json.loads(text[start:])
-            f.write(b"\n")                            # complete, only its newline is missing
-        except ValueError:
-            f.truncate(start)
-
-
 def write_json(path: Path, value) -> None:
     """Write JSON to a temporary name and rename: a kill never leaves a half-written file."""
     tmp = path.with_name(path.name + ".tmp")

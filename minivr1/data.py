@@ -684,3 +684,41 @@ def read_problems(path, image_root=None, **kw) -> tuple[list[Problem], ReadRepor
         f"{path}: cannot tell the format from the first record's fields {sorted(keys)}. "
         "Problems need 'problem' (RL layout) or 'pid'/'question' (MathVista layout)."
     )
+
+
+# ----------------------------------------------------------------------------- resumable outputs
+
+
+def read_done(path: str | Path) -> dict[str, dict]:
+    """Records of an append-only results file (predictions, bridging stages) by id: what a resumed
+    run need not redo. The first of duplicate ids wins; unparsable lines (a line torn by a kill
+    mid-write) are skipped, so their records are simply redone."""
+    path = Path(path)
+    done = {}
+    if path.exists():
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                    done.setdefault(record["id"], record)
+                except (ValueError, KeyError, TypeError):
+                    continue
+    return done
+
+
+def repair_tail(path: str | Path) -> None:
+    """Cut a torn last line (a kill mid-write) so the next append starts on a line of its own; a
+    complete last record that only lacks its newline gets one."""
+    path = Path(path)
+    if not path.exists():
+        return
+    with open(path, "rb+") as f:
+        text = f.read()
+        if not text or text.endswith(b"\n"):
+            return
+        start = text.rfind(b"\n") + 1
+        try:
+            json.loads(text[start:])
+            f.write(b"\n")                            # complete, only its newline is missing
+        except ValueError:
+            f.truncate(start)

@@ -190,15 +190,6 @@ def unwrap_peft(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def save_final(model, processor, out_dir: str | Path) -> Path:
-    """Save a trained policy as an HF directory: the adapter for LoRA, full weights otherwise,
-    and the processor, so `load_for_inference(out_dir)` and `evaluate.py` open it directly."""
-    out = Path(out_dir)
-    model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
-    return out
-
-
 if __name__ == "__main__":
     import argparse
 

@@ -142,3 +142,37 @@ def clip_gradients(accelerator, model, max_norm: float) -> float | None:
     config's gradient_clipping)."""
     norm = accelerator.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
     return None if norm is None else float(norm)
+
+
+def resume_step(accelerator, out_dir, resume: str | None) -> int:
+    """Load the checkpoint `resume` names ("auto": out_dir's latest, if any; None: none) into the
+    prepared objects and return its step; 0 when starting fresh."""
+    from pathlib import Path
+
+    from minivr1 import checkpoint
+    from minivr1.tracking import print0
+
+    ckpt = checkpoint.latest_checkpoint(out_dir) if resume == "auto" else (Path(resume) if resume else None)
+    if ckpt is None:
+        return 0
+    step = checkpoint.load_checkpoint(accelerator, ckpt)["step"]
+    print0(f"resumed from {ckpt} at step {step}")
+    return step
+
+
+def save_final(accelerator, policy, processor, final) -> None:
+    """Save the trained policy as an ordinary HF directory (full weights, or the LoRA adapter) with
+    its processor, so evaluate.py and transformers open it directly. Every process calls it:
+    under FSDP / ZeRO-3 the full state dict is gathered first."""
+    from minivr1.tracking import print0
+
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(policy).model        # the model inside TokenLogprobs
+    state_dict = accelerator.get_state_dict(policy)
+    if accelerator.is_main_process:
+        if state_dict:    # keys of the wrapper are "model.<key of the inner model>"
+            state_dict = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
+        unwrapped.save_pretrained(final, state_dict=state_dict or None, safe_serialization=True)
+        processor.save_pretrained(final)
+        print0(f"saved {final}")
+    accelerator.wait_for_everyone()

@@ -90,7 +90,7 @@ class Args:
     freeze_vision: bool = field(default=True, metadata={"help": "keep the vision tower frozen"})
     lora_r: int = field(default=64, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=128, metadata={"help": "LoRA alpha"})
-    logprob_chunk_size: int = field(default=1024, metadata={"help": "completion tokens per LM-head chunk (memory vs speed)"})
+    logprob_chunk_size: int = field(default=512, metadata={"help": "completion tokens per LM-head chunk: working memory ~4 x chunk x vocab x 4 bytes (1.3 GB at 512 with Qwen's vocabulary)"})
     max_pixels: int | None = field(default=None, metadata={"help": "cap on pixels per image for the processor (never truncate prompts: shrink images)"})
     save_steps: int = field(default=50, metadata={"help": "checkpoint every N steps (and at every stage boundary); 0 = stage boundaries only"})
     keep_last: int = field(default=2, metadata={"help": "checkpoints to keep"})

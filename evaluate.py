@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from minivr1 import backends, config, data, evaluation, models, rollout
-from minivr1.chat import problem_messages, prompt_batch
+from minivr1.chat import R1_ZERO_SYSTEM_PROMPT, problem_messages, prompt_batch
 from minivr1.tracking import print0, progress_bar
 
 
@@ -57,7 +57,7 @@ class Args:
     max_new_tokens: int = field(default=16000, metadata={"help": "generation limit per answer (paper: 16000)"})
     temperature: float = field(default=0.6, metadata={"help": "sampling temperature (paper: 0.6); 0 = greedy decoding"})
     top_p: float = field(default=0.95, metadata={"help": "nucleus sampling top_p (paper: 0.95)"})
-    system_prompt: str | None = field(default=None, metadata={"help": "system prompt (e.g. the R1-Zero prompt for Zero models); default: the template's"})
+    system_prompt: str | None = field(default=None, metadata={"help": "system prompt: 'r1_zero' (the R1-Zero prompt, for Zero models), a literal prompt, or none (the template's default)"})
     limit: int = field(default=0, metadata={"help": "evaluate only the first N problems (0 = all)"})
     max_pixels: int | None = field(default=None, metadata={"help": "cap on pixels per image for the processor"})
     dtype: str = field(default="auto", metadata={"help": "weight dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32"})
@@ -103,6 +103,7 @@ def generate_via_api(args: Args, todo: list, preds_path: Path) -> None:
 
 
 def main(args: Args) -> dict | None:
+    args.system_prompt = {"none": None, "r1_zero": R1_ZERO_SYSTEM_PROMPT}.get(args.system_prompt, args.system_prompt)
     if args.image or args.question:
         if not (args.image and args.question and args.model):
             raise SystemExit("one-off mode needs --model, --image and --question")

@@ -38,7 +38,6 @@ METHODS = {  # name: (start model, preset, system prompt for evaluation)
     "Fixed": ("sft", "configs/toy_grpo_fixed.yaml", None),
     "PTST": ("sft", "configs/toy_grpo_ptst.yaml", None),
 }
-R1_ZERO = None
 
 
 def run(cmd: list[str], log: Path, threads: int) -> None:
@@ -53,12 +52,11 @@ def run(cmd: list[str], log: Path, threads: int) -> None:
         raise SystemExit(f"stage failed: {' '.join(cmd)}\nlog: {log}")
 
 
-def evaluate(model: Path, out: Path, seed: int, logs: Path, threads: int, system_prompt: str | None) -> list[str]:
+def evaluate(model: Path, out: Path, seed: int, system_prompt: str | None) -> list[str]:
+    """The evaluate.py command for one model and seed."""
     cmd = [PY, "evaluate.py", "--config", "configs/toy_eval.yaml", "--model", str(model), "--data",
            str(OUT / "data" / "eval.jsonl"), "--output_dir", str(out), "--seed", str(seed)]
-    if system_prompt:
-        cmd += ["--system_prompt", R1_ZERO]
-    return cmd
+    return cmd + (["--system_prompt", system_prompt] if system_prompt else [])
 
 
 def summarise(out: Path, seeds: list[int]) -> dict:
@@ -141,15 +139,13 @@ def plots(out: Path, seeds: list[int]) -> list[Path]:
 
 
 def main() -> None:
-    global OUT, R1_ZERO
+    global OUT
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/ablation", help="output directory")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="GRPO and evaluation seeds")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (each with cores/jobs threads)")
     p.add_argument("--steps", type=int, default=0, help="override the GRPO steps of every method (0 = presets')")
     a = p.parse_args()
-    from minivr1.chat import R1_ZERO_SYSTEM_PROMPT
-    R1_ZERO = R1_ZERO_SYSTEM_PROMPT
     OUT = Path(a.out).resolve()
     logs = OUT / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -185,10 +181,9 @@ def main() -> None:
     print("== evaluation")
     evals = []
     for seed in a.seeds:
-        evals.append((evaluate(OUT / "sft" / "final", OUT / f"eval-CI-s{seed}", seed, logs, threads, None), f"eval-CI-s{seed}"))
+        evals.append((evaluate(OUT / "sft" / "final", OUT / f"eval-CI-s{seed}", seed, None), f"eval-CI-s{seed}"))
         for name, (_, _, system) in METHODS.items():
-            evals.append((evaluate(OUT / f"grpo-{name}-s{seed}" / "final", OUT / f"eval-{name}-s{seed}", seed, logs,
-                                   threads, system), f"eval-{name}-s{seed}"))
+            evals.append((evaluate(OUT / f"grpo-{name}-s{seed}" / "final", OUT / f"eval-{name}-s{seed}", seed, system), f"eval-{name}-s{seed}"))
     with ThreadPoolExecutor(a.jobs) as pool:
         list(pool.map(lambda e: run(e[0], logs / f"{e[1]}.log", threads), evals))
 

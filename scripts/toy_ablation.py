@@ -1,6 +1,6 @@
 """Vision-R1's ablation in miniature, on the toy task: Zero, CI, Long, fixed short limit, PTST.
 
-    python scripts/toy_ablation.py                       # ~30 min on 2 CPU cores; --seeds 0 1 2
+    python scripts/toy_ablation.py                       # ~17 min on 2 CPU cores; --seeds 0 1 2
     pip install matplotlib                               # optional: the plots
 
 Every run is the project's own scripts with a preset from configs/ (the same commands the README

@@ -26,3 +26,24 @@ def tiny_model_dir(tmp_path_factory):
 def processor(tiny_model_dir):
     from minivr1 import models
     return models.load_processor(tiny_model_dir)
+
+
+def make_eos_likely(model, processor, batch, max_new_tokens: int) -> None:
+    """Make <|im_end|> likely in place, so sampled completions end at different lengths (a random
+    model runs every completion to the limit, and then masks cannot tell aggregations apart): its
+    LM-head row is put along the mean final hidden state of completions sampled from `batch`."""
+    import torch
+
+    from minivr1 import rollout
+
+    torch.manual_seed(0)
+    ro = rollout.generate(model, processor, batch, max_new_tokens)
+    with torch.no_grad():
+        hidden = model.model(input_ids=torch.cat([ro.prompt_ids, ro.completion_ids], 1),
+                             attention_mask=torch.cat([ro.prompt_mask, ro.completion_mask], 1),
+                             pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                             mm_token_type_ids=torch.cat([ro.prompt_types, torch.zeros_like(ro.completion_ids)], 1)
+                             ).last_hidden_state[:, ro.prompt_ids.shape[1]:]
+        direction = hidden.reshape(-1, hidden.shape[-1]).mean(0)
+        eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        model.get_output_embeddings().weight[eos] = direction / direction.norm()

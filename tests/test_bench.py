@@ -22,6 +22,7 @@ import torch
 from minivr1 import data, models, rollout
 from minivr1.chat import problem_messages, prompt_batch, select_sequences
 from minivr1.policy import TokenLogprobs
+from conftest import make_eos_likely
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "bench_grpo_vs_trl.py"
@@ -92,17 +93,7 @@ def eos_model(tiny_model_dir, processor, problems):
     """The tiny model with <|im_end|> made likely, so completions stop at different lengths."""
     model = models.load_for_inference(tiny_model_dir, dtype="fp32")
     batch = prompt_batch(processor, problems, repeat=4)
-    torch.manual_seed(0)
-    ro = rollout.generate(model, processor, batch, 16)
-    with torch.no_grad():
-        hidden = model.model(input_ids=torch.cat([ro.prompt_ids, ro.completion_ids], 1),
-                             attention_mask=torch.cat([ro.prompt_mask, ro.completion_mask], 1),
-                             pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
-                             mm_token_type_ids=torch.cat([ro.prompt_types, torch.zeros_like(ro.completion_ids)], 1)
-                             ).last_hidden_state[:, ro.prompt_ids.shape[1]:]
-        direction = hidden.reshape(-1, hidden.shape[-1]).mean(0)
-        model.get_output_embeddings().weight[processor.tokenizer.convert_tokens_to_ids("<|im_end|>")] = \
-            direction / direction.norm()
+    make_eos_likely(model, processor, batch, 16)
     return model
 
 

@@ -25,8 +25,9 @@ import torch
 from safetensors.torch import load_file
 
 import equality_probe
-from minivr1 import data, models, rollout, training
+from minivr1 import data, models, training
 from minivr1.chat import prompt_batch
+from conftest import make_eos_likely
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING_KEYS = {"t_rollout", "t_update", "tok_per_s", "label_tokens_per_s", "time"}
@@ -52,17 +53,7 @@ def eos_model_dir(tiny_model_dir, processor, toy_dir, tmp_path_factory):
     model = models.load_for_inference(out, dtype="fp32")
     problems, _ = data.read_problems(toy_dir / "data" / "rl_train.jsonl")
     batch = prompt_batch(processor, problems[:4], repeat=4)
-    torch.manual_seed(0)
-    ro = rollout.generate(model, processor, batch, 16)
-    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    with torch.no_grad():
-        hidden = model.model(input_ids=torch.cat([ro.prompt_ids, ro.completion_ids], 1),
-                             attention_mask=torch.cat([ro.prompt_mask, ro.completion_mask], 1),
-                             pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
-                             mm_token_type_ids=torch.cat([ro.prompt_types, torch.zeros_like(ro.completion_ids)], 1)
-                             ).last_hidden_state[:, ro.prompt_ids.shape[1]:]
-        direction = hidden.reshape(-1, hidden.shape[-1]).mean(0)
-        model.get_output_embeddings().weight[eos] = direction / direction.norm()
+    make_eos_likely(model, processor, batch, 16)
     model.save_pretrained(out)
     return out
 

@@ -30,14 +30,14 @@ Choices where the paper is silent or departs from it (README "Walkthrough" expla
 2. Advantage std: population std of the group, eps 1e-6.
 3. KL: k3 estimator in the loss (not the reward), log-ratio clamped to +-20.
 4. Reference: with LoRA the adapter-disabled model (the SFT model, merged in at load); with full
-   fine-tuning a frozen copy of the starting model. Kept across PTST stages (not reset).
+   fine-tuning a second, frozen load of the starting model, sharded like the policy under FSDP2 /
+   ZeRO-3 (training.prepare_reference). Kept across PTST stages (not reset).
 5. One optimizer step per rollout by default (--num_iterations 1): the ratio is 1 and the clip
    inactive at the update, so the loss value is ~0 while its gradient is the policy gradient.
 6. Each process rolls out and scores whole groups; only logging scalars cross processes.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 import math
@@ -110,9 +110,9 @@ def main(args: Args) -> Path:
     world, rank = accelerator.num_processes, accelerator.process_index
     if args.prompts_per_step % world:
         raise ValueError(f"--prompts_per_step {args.prompts_per_step} must divide by the {world} processes: each owns whole groups")
-    # Sampling draws from torch's global RNG: seed it (per process, so ranks sample independently);
-    # a resume restores the saved RNG states over this.
-    torch.manual_seed(args.seed + rank)
+    # The same seed on every process while the model is built: a new LoRA's random init must be the same
+    # everywhere (FSDP2 shards each process's own copy; only DDP and DeepSpeed broadcast rank 0's).
+    torch.manual_seed(args.seed)
     reward_fn = grader.load_reward(args.reward)
     system_prompt = {"none": None, "r1_zero": R1_ZERO_SYSTEM_PROMPT}.get(args.system_prompt, args.system_prompt)
     out = Path(args.output_dir)
@@ -124,17 +124,24 @@ def main(args: Args) -> Path:
     model = models.load_policy(args.model, args.mode, args.dtype, args.gradient_checkpointing, args.freeze_vision,
                                args.lora_r, args.lora_alpha, lora_dropout=0.0, trust_remote_code=args.trust_remote_code)
     training.disable_dropout(model)
-    ref = None
-    if args.beta > 0 and args.mode == "full":        # LoRA: the reference is the adapter-disabled model
-        ref = TokenLogprobs(copy.deepcopy(model).eval().requires_grad_(False), args.logprob_chunk_size)
-        ref.to(accelerator.device)
     policy = TokenLogprobs(model, args.logprob_chunk_size)
     optimizer = training.build_optimizer(policy, args.learning_rate, args.weight_decay, args.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
     policy, optimizer = accelerator.prepare(policy, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     gen_model = accelerator.unwrap_model(policy).model   # generate() runs outside DDP's forward
+    ref = None
+    if args.beta > 0 and args.mode == "full":        # LoRA: the reference is the adapter-disabled model
+        # A second load of the starting model, frozen and placed like the policy (sharded under FSDP2 /
+        # ZeRO-3). Not a copy of `model`: under sharded loading (FSDP's cpu_ram_efficient_loading,
+        # ZeRO-3's zero3_init_flag) a process does not hold the whole model to copy.
+        ref_model = models.load_policy(args.model, "full", args.dtype, trust_remote_code=args.trust_remote_code)
+        ref = training.prepare_reference(accelerator, TokenLogprobs(ref_model, args.logprob_chunk_size))
 
+    # Sampling draws from torch's global RNG: seed it per process, so ranks sample independently (rank 0
+    # goes on from where the model build left the stream); a resume restores the saved RNG states.
+    if rank:
+        torch.manual_seed(args.seed + rank)
     step = training.resume_step(accelerator, out, args.resume)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -143,13 +150,19 @@ def main(args: Args) -> Path:
     print0(f"GRPO: {len(problems)} problems, {args.prompts_per_step} prompts/step over {world} processes, "
            f"stages {' -> '.join(str(s) for s in stages)}, {total_steps} steps, reward {args.reward}, beta {args.beta}")
 
+    # Rollouts: under FSDP2 the policy's parameters are gathered whole for the rollout
+    # (training.whole_parameters); under ZeRO-3 generate() gathers them layer by layer at every forward,
+    # so all processes must step in sync until the last one finishes (synced_gpus).
+    synced_gpus = training.zero_stage(accelerator) == 3
     # A group's G sequences share their prompt: the rollout prefills it once per group, and the log-prob
     # forwards run it once per group and reuse its KV cache (rollout.generate, TokenLogprobs docstrings):
-    # the same numbers for less compute. Not under FSDP / DeepSpeed (untested there; ZeRO-3 generation needs
-    # ranks stepping in sync), and the log-prob forwards not with gradient checkpointing (it drops the cache).
-    share_prompts = accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU,
-                                                     DistributedType.MULTI_GPU)
-    share_prompts_in_forward = share_prompts and not args.gradient_checkpointing
+    # the same numbers for less compute. The rollout's sharing needs a process-local model (not ZeRO-3);
+    # the log-prob forwards' sharing is kept to one process and DDP (under FSDP / DeepSpeed the prompt's
+    # second use would run each shard unit's hooks twice per forward: untested) and is off with gradient
+    # checkpointing (it drops the cache).
+    share_prompts = not synced_gpus
+    share_prompts_in_forward = not args.gradient_checkpointing and accelerator.distributed_type in (
+        DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
 
     def logprobs(module, b, idx, no_grad: bool):
         """Log-probs [s, C] of the completion tokens of sequences `idx` under `module`."""
@@ -185,8 +198,9 @@ def main(args: Args) -> Path:
         t0 = time.time()
         prompts = prompt_batch(processor, batch_problems, system_prompt, repeat=G)
         gen_model.eval()
-        ro = generate(gen_model, processor, prompts, L, args.temperature, args.top_p,
-                      group_size=G if share_prompts else 1)
+        with training.whole_parameters(accelerator, policy):
+            ro = generate(gen_model, processor, prompts, L, args.temperature, args.top_p,
+                          group_size=G if share_prompts else 1, synced_gpus=synced_gpus)
         policy.train()
         t_rollout = time.time() - t0
 
@@ -226,12 +240,13 @@ def main(args: Args) -> Path:
 
         # 6-7. num_iterations optimizer steps, each over all micro-batches of the rollout.
         # Denominators are global (all micro-batches and processes): the gradient is that of the
-        # whole batch however it is split. DDP averages over processes and accelerate divides
-        # by the accumulation count: `* world * len(micro)` undoes both.
+        # whole batch however it is split. The backends average gradients over processes and
+        # divide by the accumulation count: `global_loss_scale` undoes both.
         totals = accelerator.reduce(torch.tensor([float(S), float(ro.completion_mask.sum())], device=accelerator.device), "sum")
         stats_sum = {}
         for _ in range(args.num_iterations):
             training.start_accumulation(accelerator, len(micro))
+            scale = training.global_loss_scale(accelerator)
             for m in micro:
                 with accelerator.accumulate(policy):
                     logp = logprobs(policy, b, m, False)
@@ -241,7 +256,7 @@ def main(args: Args) -> Path:
                                             beta=args.beta, aggregation=args.loss_aggregation,
                                             total_seqs=totals[0], total_tokens=totals[1])
                     training.check_finite("loss", loss.detach(), step + 1)
-                    accelerator.backward(loss * world * len(micro))
+                    accelerator.backward(loss * scale)
                     if accelerator.sync_gradients:
                         grad_norm = training.clip_gradients(accelerator, policy, args.max_grad_norm)
                         if grad_norm is not None:   # a finite loss can still have NaN grads

@@ -134,9 +134,9 @@ def main(args: Args) -> Path:
                               b.get("mm_token_type_ids"))
                 loss = -logp.sum() / n_global
                 loss_sum += loss.item()
-                # DDP averages gradients over processes and accelerate divides by `accum`:
-                # undo both so the gradient is exactly that of the global token mean.
-                accelerator.backward(loss * world * accum)
+                # The backends average gradients over processes and divide by `accum`: undo
+                # both so the gradient is exactly that of the global token mean.
+                accelerator.backward(loss * training.global_loss_scale(accelerator))
                 if accelerator.sync_gradients:
                     grad_norm = training.clip_gradients(accelerator, policy, args.max_grad_norm)
                 optimizer.step()

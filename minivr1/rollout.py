@@ -52,7 +52,7 @@ def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[t
 
 @torch.no_grad()
 def generate(model, processor, batch, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-             do_sample: bool = True, streamer=None, group_size: int = 1) -> Rollout:
+             do_sample: bool = True, streamer=None, group_size: int = 1, synced_gpus: bool = False) -> Rollout:
     """Sample one completion per row of `batch` (already repeated G times per prompt for GRPO).
 
     group_size > 1 says the rows come in consecutive groups of that many copies of one prompt (text
@@ -60,8 +60,12 @@ def generate(model, processor, batch, max_new_tokens: int, temperature: float = 
     once and its KV cache shared by the group's rows (`sample_shared_prompts`), with the same
     sampling as `model.generate`: the same tokens for the same seed. Without the M-RoPE inputs that
     path needs (image_grid_thw and mm_token_type_ids), or with a streamer, `model.generate` runs on
-    all rows as for group_size 1. One process's rows only: no stepping in sync across processes
-    (which generate does under DeepSpeed ZeRO-3 / FSDP).
+    all rows as for group_size 1.
+
+    synced_gpus=True (DeepSpeed ZeRO-3, whose forwards gather parameters with the other processes):
+    every process keeps stepping until all have finished, through `model.generate` (group_size is
+    then ignored). Otherwise a process generates on its own and the model must hold whole
+    parameters (see training.whole_parameters for FSDP2).
     """
     tok = processor.tokenizer
     eos = eos_token_ids(model, tok)
@@ -75,11 +79,11 @@ def generate(model, processor, batch, max_new_tokens: int, temperature: float = 
     kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=tok.pad_token_id,
                   suppress_tokens=vision_token_ids(tok), use_cache=True, **sampling)
     P = batch["input_ids"].shape[1]
-    if group_size > 1 and do_sample and streamer is None and "image_grid_thw" in batch \
+    if group_size > 1 and do_sample and streamer is None and not synced_gpus and "image_grid_thw" in batch \
             and "mm_token_type_ids" in batch and hasattr(unwrap_peft(model).model, "get_rope_index"):
         completion = sample_shared_prompts(model, batch, group_size, **kwargs)
     else:
-        completion = model.generate(**batch, streamer=streamer, **kwargs)[:, P:]
+        completion = model.generate(**batch, streamer=streamer, synced_gpus=synced_gpus, **kwargs)[:, P:]
     mask, truncated = completion_mask(completion, eos)
     completion = torch.where(mask.bool(), completion, torch.full_like(completion, tok.pad_token_id))
     texts = tok.batch_decode(completion, skip_special_tokens=True)

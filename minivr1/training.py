@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import signal
+from contextlib import contextmanager
 
 import torch
 
@@ -118,9 +119,110 @@ def start_accumulation(accelerator, n_micro: int) -> None:
 
     GRPO's micro-batch count can change between PTST stages (group size changes), so we set it
     per step and reset accelerate's counter, instead of fixing it when the Accelerator is built.
+    (DeepSpeed's engine keeps the accumulation count it was built with; `global_loss_scale`
+    accounts for that.)
     """
     accelerator.gradient_accumulation_steps = n_micro
     accelerator.step = 0
+
+
+def global_loss_scale(accelerator) -> float:
+    """The factor to multiply each micro-batch's loss by before `accelerator.backward`, when the losses
+    are already normalised by the whole global batch (every micro-batch of every process): then the
+    gradient that reaches the optimizer is exactly the global loss's, however the batch is split.
+
+    Two divisions happen behind the scenes and this undoes both: the backends average gradients
+    over processes (DDP, FSDP and DeepSpeed alike): x world size; and each micro-batch's loss is
+    divided by the accumulation count, by accelerate (`accelerator.gradient_accumulation_steps`) or,
+    under DeepSpeed, by the engine, with the count the engine was built with (its config's
+    `gradient_accumulation_steps`), which is not the count `start_accumulation` sets later.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        divisor = accelerator.deepspeed_engine_wrapped.engine.gradient_accumulation_steps()
+    else:
+        divisor = accelerator.gradient_accumulation_steps
+    return float(accelerator.num_processes * divisor)
+
+
+def prepare_reference(accelerator, module):
+    """Place a frozen reference model (a TokenLogprobs, not trained) the way the policy is placed.
+
+    FSDP2: sharded like the policy (the same shard units, mixed precision and offload, through
+    accelerate's own `fsdp2_prepare_model`; under `fsdp_cpu_ram_efficient_loading` rank 0's weights
+    are broadcast). DeepSpeed ZeRO-3: a DeepSpeed engine with the training config minus the
+    optimizer, so its parameters are partitioned too. Otherwise (one process, DDP, ZeRO-1/2): whole,
+    on this process's device; a forward of it then involves no other process.
+    """
+    from accelerate.utils import DistributedType
+
+    module.eval().requires_grad_(False)
+    if getattr(accelerator, "is_fsdp2", False):
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+        return fsdp2_prepare_model(accelerator, module).eval()
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise ValueError("GRPO full fine-tuning under FSDP needs FSDP2: set fsdp_version: 2 in the accelerate "
+                         "config (configs/accelerate/fsdp.yaml does)")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and zero_stage(accelerator) == 3:
+        import copy
+
+        import deepspeed
+        ds_config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+        for key in ("optimizer", "scheduler"):
+            ds_config.pop(key, None)
+        engine, *_ = deepspeed.initialize(model=module, config=ds_config)
+        engine.eval()                       # (DeepSpeedEngine.eval returns None, not the engine)
+        return engine
+    return module.to(accelerator.device)
+
+
+def zero_stage(accelerator) -> int:
+    """DeepSpeed's ZeRO stage, 0 when not under DeepSpeed."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return 0
+    return int(accelerator.state.deepspeed_plugin.zero_stage)
+
+
+@contextmanager
+def whole_parameters(accelerator, policy):
+    """Inside this block the prepared `policy`'s parameters are whole on every process, so
+    `generate()` can run on the unwrapped model as on one GPU, each process at its own pace.
+
+    Only FSDP2 needs to act: its parameters live as shards, gathered by hooks around each shard
+    unit's forward and freed after it. Here every unit gathers its parameters once and keeps them
+    until the block ends (a rollout's thousands of forwards then need no collective, and processes
+    may stop at different lengths); memory: the whole model, in the compute dtype, on every GPU
+    for the rollout's duration. ZeRO-3 instead gathers layer by layer at every forward, so its
+    generation must step in sync across processes (`generate(..., synced_gpus=True)`).
+
+    FSDP2 internals used (torch is pinned): the root state's `_lazy_init` (the root must claim
+    rootness before any unit runs a forward of its own) and each parameter group's
+    `post_forward_mesh_info` (None = keep gathered after a forward; `set_reshard_after_forward`
+    writes the same field but cannot restore the per-unit choices accelerate made).
+    """
+    if not getattr(accelerator, "is_fsdp2", False):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in policy.modules() if isinstance(m, FSDPModule)]
+    policy._get_fsdp_state()._lazy_init()
+    saved = []
+    for unit in units:
+        for group in unit._get_fsdp_state()._fsdp_param_groups:
+            saved.append((group, group.post_forward_mesh_info))
+            group.post_forward_mesh_info = None
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for group, info in saved:
+            group.post_forward_mesh_info = info
+        for unit in units:
+            unit.reshard()
 
 
 def disable_dropout(model) -> None:

@@ -13,8 +13,9 @@ Everything else (data split, rewards, advantages, log-probs, loss, DDP, optimize
     python tests/equality_probe.py SPEC.json                                    # one process
     torchrun --nproc_per_node 2 tests/equality_probe.py SPEC.json               # two
 
-SPEC.json: {"records": DIR, "runs": [{"name": str, "script": "sft" | "grpo", "args": {Args fields},
-            "break": null | "local_denominators"}, ...]}
+SPEC.json: {"records": DIR, "backend": "ddp" | "fsdp" | "zero2" | "zero3" (default ddp; tests/cpu_backends.py),
+            "runs": [{"name": str, "script": "sft" | "grpo", "args": {Args fields},
+                      "break": null | "local_denominators"}, ...]}
 "local_denominators" is a deliberately broken run (a negative control): grpo_loss gets this
 process's sequence and token counts instead of the global ones, the bug that a per-process token
 mean would be. Written per GRPO run and process: DIR/NAME-rank{R}.json with, per step, the problem
@@ -35,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))     # the repository root, for the scripts
 
+import cpu_backends  # noqa: E402
 import train_grpo  # noqa: E402
 import train_sft  # noqa: E402
 from minivr1 import grader  # noqa: E402
@@ -128,7 +130,9 @@ def run_all(spec: dict, rank: int = 0) -> None:
 
 
 if __name__ == "__main__":
-    run_all(json.loads(Path(sys.argv[1]).read_text()), int(os.environ.get("RANK", "0")))
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    cpu_backends.use(spec.get("backend", "ddp"))          # FSDP2 / ZeRO on CPU: see tests/cpu_backends.py
+    run_all(spec, int(os.environ.get("RANK", "0")))
     gc.collect()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

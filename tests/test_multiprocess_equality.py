@@ -11,6 +11,10 @@ owns a prompt by tests/equality_probe.py; everything else is the scripts' own co
 The 2-process side runs under `torchrun` (gloo + DDP, cpu-stack.md), all runs in one launch; the
 1-process side runs in this process. A negative control, the token-mean run with per-process
 denominators, must NOT match: it proves the comparison can see the bug it is there to catch.
+The same 2-process runs are repeated under FSDP2, DeepSpeed ZeRO-2 and ZeRO-3, which accelerate
+only runs on accelerators; tests/cpu_backends.py builds those states over gloo on the CPU. (The
+loss scale that ignored DeepSpeed's own accumulation count failed the ZeRO-2 runs: weights off by
+up to 1.4e-2.)
 """
 import json
 import os
@@ -34,6 +38,11 @@ TIMING_KEYS = {"t_rollout", "t_update", "tok_per_s", "label_tokens_per_s", "time
 # fp32 with a different reduction order (DDP's all-reduce, other padding, other micro-batches): the
 # measured differences are ~1e-7..1e-6; the broken denominator gives ~1e-3.
 WEIGHT_ATOL = 1e-5
+# FSDP2's reduce-scatter and DeepSpeed's bucketed reductions sum in yet other orders: their metrics
+# agree with 1 process to ~1e-6 (relative), but Adam divides each coordinate by its own gradient
+# scale, which turns rounding in the near-zero gradient coordinates into weight differences of up to
+# ~2.5e-5 (lr 1e-2). A wrong loss scale or a split group shows in the metrics (grad_norm, kl, loss).
+SHARDED_WEIGHT_ATOL = 5e-5
 METRIC_RTOL = 1e-4
 
 
@@ -77,66 +86,91 @@ GRPO_RUNS = {   # name: overrides
 }
 
 
-@pytest.fixture(scope="module")
-def runs(tiny_model_dir, eos_model_dir, toy_dir, tmp_path_factory):
-    """Every run, with 2 processes (torchrun, in the background) and with 1 (here, meanwhile)."""
-    tmp = tmp_path_factory.mktemp("equality")
-    two = {"records": str(tmp / "records2"), "runs": [
+def two_process_spec(backend, tiny_model_dir, eos_model_dir, toy_dir, tmp, broken: bool = False) -> dict:
+    return {"records": str(tmp / "records2"), "backend": backend, "runs": [
         {"name": "sft", "script": "sft",
          "args": sft_args(tiny_model_dir, toy_dir, tmp / "2" / "sft", per_device_batch_size=1, gradient_accumulation_steps=2)},
         *[{"name": name, "script": "grpo", "args": grpo_args(eos_model_dir, toy_dir, tmp / "2" / name, **kw)}
           for name, kw in GRPO_RUNS.items()],
-        {"name": "broken", "script": "grpo", "break": "local_denominators",
-         "args": grpo_args(eos_model_dir, toy_dir, tmp / "2" / "broken", **GRPO_RUNS["grpo_token_mean_full"])},
+        *([{"name": "broken", "script": "grpo", "break": "local_denominators",
+            "args": grpo_args(eos_model_dir, toy_dir, tmp / "2" / "broken", **GRPO_RUNS["grpo_token_mean_full"])}]
+          if broken else []),
     ]}
+
+
+def start_torchrun(spec: dict, tmp: Path):
+    """`torchrun --nproc_per_node 2 tests/equality_probe.py SPEC` in the background: (process, log path)."""
+    path = tmp / f"spec-{spec['backend']}.json"
+    path.write_text(json.dumps(spec))
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), str(ROOT / "tests" / "equality_probe.py"), str(path)]
+    log_path = tmp / f"torchrun-{spec['backend']}.log"
+    with open(log_path, "w") as log:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log_path
+
+
+def finish_torchrun(proc, log_path: Path, timeout: float = 300) -> None:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    text = log_path.read_text()
+    assert proc.returncode == 0, f"torchrun exited {proc.returncode}:\n{text[-4000:]}"
+    assert "terminate called" not in text, text[-4000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, eos_model_dir, toy_dir, tmp_path_factory):
+    """Every run with 1 process (here) and with 2 under DDP (torchrun, in the background meanwhile)."""
+    tmp = tmp_path_factory.mktemp("equality")
     one = {"records": str(tmp / "records1"), "runs": [
         {"name": "sft", "script": "sft",
          "args": sft_args(tiny_model_dir, toy_dir, tmp / "1" / "sft", per_device_batch_size=2, gradient_accumulation_steps=2)},
         *[{"name": name, "script": "grpo", "args": grpo_args(eos_model_dir, toy_dir, tmp / "1" / name, **kw)}
           for name, kw in GRPO_RUNS.items()],
     ]}
-    spec = tmp / "spec2.json"
-    spec.write_text(json.dumps(two))
-    port = free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), str(ROOT / "tests" / "equality_probe.py"), str(spec)]
-    log_path = tmp / "torchrun.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)        # the tiny model gains nothing from threads; leave the cores to torchrun
-        try:
-            equality_probe.run_all(one)
-        finally:
-            torch.set_num_threads(threads)
-            equality_probe.reset_accelerate()
-            try:
-                proc.wait(timeout=300)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    text = log_path.read_text()
-    assert proc.returncode == 0, f"torchrun exited {proc.returncode}:\n{text[-4000:]}"
-    assert "terminate called" not in text, text[-4000:]
-    return {"1": tmp / "1", "2": tmp / "2", "records1": Path(one["records"]), "records2": Path(two["records"])}
+    proc, log_path = start_torchrun(two_process_spec("ddp", tiny_model_dir, eos_model_dir, toy_dir, tmp, broken=True), tmp)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)        # the tiny model gains nothing from threads; leave the cores to torchrun
+    try:
+        equality_probe.run_all(one)
+    finally:
+        torch.set_num_threads(threads)
+        equality_probe.reset_accelerate()
+        finish_torchrun(proc, log_path)
+    return {"1": tmp / "1", "2": tmp / "2", "records1": Path(one["records"]), "records2": tmp / "records2"}
 
 
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    files = sorted((run_dir / "final").glob("*.safetensors"))
-    assert files, f"no weights in {run_dir / 'final'}"
-    return {k: v.float() for f in files for k, v in load_file(f).items()}
+@pytest.fixture(scope="module", params=["fsdp", "zero2", "zero3"])
+def sharded_runs(request, runs, tiny_model_dir, eos_model_dir, toy_dir, tmp_path_factory):
+    """The same 2-process runs under FSDP2 / DeepSpeed ZeRO-2 / ZeRO-3 on CPU (tests/cpu_backends.py),
+    next to the 1-process runs of `runs`."""
+    tmp = tmp_path_factory.mktemp(f"equality-{request.param}")
+    finish_torchrun(*start_torchrun(two_process_spec(request.param, tiny_model_dir, eos_model_dir, toy_dir, tmp), tmp))
+    return {"backend": request.param, "1": runs["1"], "2": tmp / "2", "records1": runs["records1"],
+            "records2": tmp / "records2"}
+
+
+def weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    """A LoRA adapter's tensors as saved; a full checkpoint's as transformers loads it (the names in the
+    file may differ: under ZeRO-3, transformers writes Qwen2.5-VL's keys in another, equally loadable form)."""
+    if (model_dir / "adapter_model.safetensors").is_file():
+        return {k: v.float() for k, v in load_file(model_dir / "adapter_model.safetensors").items()}
+    return {k: v.float() for k, v in models.load_for_inference(model_dir, dtype="fp32").state_dict().items()}
 
 
 def max_weight_diff(a: Path, b: Path) -> float:
-    wa, wb = weights(a), weights(b)
+    wa, wb = weights(a / "final"), weights(b / "final")
     assert wa.keys() == wb.keys()
     return max((wa[k] - wb[k]).abs().max().item() for k in wa)
 
 
 def max_weight_change(run_dir: Path, start: Path) -> float:
-    w, w0 = weights(run_dir), {k: v.float() for k, v in load_file(start / "model.safetensors").items()}
+    w, w0 = weights(run_dir / "final"), weights(start)
     return max((w[k] - w0[k]).abs().max().item() for k in w)
 
 
@@ -153,20 +187,19 @@ def assert_same_metrics(one: list[dict], two: list[dict]):
             assert m2[k] == pytest.approx(m1[k], rel=METRIC_RTOL, abs=1e-7), (m1["step"], k, m1[k], m2[k])
 
 
-def test_sft_two_processes_equal_one(runs, tiny_model_dir):
+def check_sft(runs, tiny_model_dir, atol=WEIGHT_ATOL):
     diff = max_weight_diff(runs["1"] / "sft", runs["2"] / "sft")
     print(f"sft: max |w1 - w2| = {diff:.2e}, max |w1 - w0| = {max_weight_change(runs['1'] / 'sft', tiny_model_dir):.2e}")
-    assert diff <= WEIGHT_ATOL
+    assert diff <= atol
     assert max_weight_change(runs["1"] / "sft", tiny_model_dir) > 1e-3          # it trained
     # loss (a mean over the label tokens of the whole global batch) and grad_norm are global
     assert_same_metrics(metrics(runs["1"] / "sft"), metrics(runs["2"] / "sft"))
 
 
-@pytest.mark.parametrize("name", list(GRPO_RUNS))
-def test_grpo_two_processes_equal_one(runs, name, toy_dir):
+def check_grpo(runs, name, toy_dir, atol=WEIGHT_ATOL):
     diff = max_weight_diff(runs["1"] / name, runs["2"] / name)
     print(f"{name}: max |w1 - w2| = {diff:.2e}")
-    assert diff <= WEIGHT_ATOL
+    assert diff <= atol
     # every logged metric (reward, accuracy, format, len, len_max, truncated, zero_var, kl, clip, loss,
     # grad_norm, lr) is that of the global batch, not of one process
     m1, m2 = metrics(runs["1"] / name), metrics(runs["2"] / name)
@@ -185,6 +218,28 @@ def test_grpo_two_processes_equal_one(runs, name, toy_dir):
         assert s1["ids"] == want
         assert [t[step]["ids"] for t in two] == [want[:2], want[2:]]
         assert s1["G"] == two[0][step]["G"] == two[1][step]["G"]
+
+
+def test_sft_two_processes_equal_one(runs, tiny_model_dir):
+    check_sft(runs, tiny_model_dir)
+
+
+@pytest.mark.parametrize("name", list(GRPO_RUNS))
+def test_grpo_two_processes_equal_one(runs, name, toy_dir):
+    check_grpo(runs, name, toy_dir)
+
+
+def test_sft_sharded_equals_one_process(sharded_runs, tiny_model_dir):
+    """FSDP2 / ZeRO-2 / ZeRO-3 with 2 processes: the same weights and metrics as 1 process."""
+    check_sft(sharded_runs, tiny_model_dir, SHARDED_WEIGHT_ATOL)
+
+
+@pytest.mark.parametrize("name", list(GRPO_RUNS))
+def test_grpo_sharded_equals_one_process(sharded_runs, name, toy_dir):
+    """GRPO under FSDP2 (rollouts on gathered parameters, a sharded reference for full fine-tuning) and
+    DeepSpeed (ZeRO-3: synced generation, a ZeRO-3 reference engine; the engine's own accumulation
+    count in the loss scale, with 2 and 1 micro-batches per step across the PTST stages)."""
+    check_grpo(sharded_runs, name, toy_dir, SHARDED_WEIGHT_ATOL)
 
 
 def test_per_process_denominator_is_caught(runs, eos_model_dir):

@@ -110,6 +110,9 @@ def main(args: Args) -> Path:
     world, rank = accelerator.num_processes, accelerator.process_index
     if args.prompts_per_step % world:
         raise ValueError(f"--prompts_per_step {args.prompts_per_step} must divide by the {world} processes: each owns whole groups")
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        raise ValueError("GRPO under FSDP needs FSDP2 (the rollout gathers FSDP2 shards): set fsdp_version: 2 in "
+                         "the accelerate config (configs/accelerate/fsdp.yaml does)")
     # The same seed on every process while the model is built: a new LoRA's random init must be the same
     # everywhere (FSDP2 shards each process's own copy; only DDP and DeepSpeed broadcast rank 0's).
     torch.manual_seed(args.seed)

@@ -104,6 +104,10 @@ def main(args: Args) -> Path:
     scheduler = training.cosine_schedule(optimizer, total_steps, args.warmup_ratio)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     accelerator.register_for_checkpointing(scheduler)
+    # Each micro-batch's loss is divided by the global label-token count; the backends average gradients
+    # over processes and divide by `accum`: this factor undoes both, so the gradient is exactly that of
+    # the global token mean.
+    scale = training.global_loss_scale(accelerator)
 
     step = training.resume_step(accelerator, out, args.resume)
     if accelerator.is_main_process:
@@ -134,9 +138,7 @@ def main(args: Args) -> Path:
                               b.get("mm_token_type_ids"))
                 loss = -logp.sum() / n_global
                 loss_sum += loss.item()
-                # The backends average gradients over processes and divide by `accum`: undo
-                # both so the gradient is exactly that of the global token mean.
-                accelerator.backward(loss * training.global_loss_scale(accelerator))
+                accelerator.backward(loss * scale)
                 if accelerator.sync_gradients:
                     grad_norm = training.clip_gradients(accelerator, policy, args.max_grad_norm)
                 optimizer.step()

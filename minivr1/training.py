@@ -161,9 +161,6 @@ def prepare_reference(accelerator, module):
     if getattr(accelerator, "is_fsdp2", False):
         from accelerate.utils.fsdp_utils import fsdp2_prepare_model
         return fsdp2_prepare_model(accelerator, module).eval()
-    if accelerator.distributed_type == DistributedType.FSDP:
-        raise ValueError("GRPO full fine-tuning under FSDP needs FSDP2: set fsdp_version: 2 in the accelerate "
-                         "config (configs/accelerate/fsdp.yaml does)")
     if accelerator.distributed_type == DistributedType.DEEPSPEED and zero_stage(accelerator) == 3:
         import copy
 

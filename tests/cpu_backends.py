@@ -5,9 +5,10 @@ plain multi-CPU (DDP over gloo) state whatever the config says. Both backends th
 CPU over gloo (torch's `fully_shard`; DeepSpeed's CPU accelerator), so `use(backend)` makes the
 scripts' `training.make_accelerator` return an Accelerator in that state:
 
-    fsdp   an Accelerator built as usual, then switched to FSDP with the plugin that
-           configs/accelerate/fsdp.yaml describes (FSDP2, Qwen2.5-VL's layer classes as shard
-           units, reshard after forward); `prepare` then shards with `fully_shard` for real.
+    fsdp   an Accelerator built as usual, then switched to FSDP with fsdp.yaml's sharding (FSDP2,
+           Qwen2.5-VL's layer classes as shard units, reshard after forward) but fp32 and without
+           cpu_ram_efficient_loading (every process loads the whole model); `prepare` then shards
+           with `fully_shard` for real.
     zero2  DeepSpeed with configs/accelerate/ds_zero2.json, over a gloo process group.
     zero3  the same with ds_zero3.json and zero3_init_flag (weights partitioned at load), as
            configs/accelerate/zero3.yaml.

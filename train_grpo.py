@@ -313,7 +313,7 @@ def main(args: Args) -> Path:
     finished = step >= total_steps              # else stopped early: the checkpoint is the result
     if finished:
         final = out / "final"
-        training.save_final(accelerator, policy, processor, final)
+        training.save_final(accelerator, policy, processor, final, args.model)
     accelerator.wait_for_everyone()
     # Free the DDP model and optimizer before the process group goes: with gloo, tearing it down
     # with them alive aborts at exit in a fraction of runs (cpu-stack.md). free_memory() drops

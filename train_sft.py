@@ -173,7 +173,7 @@ def main(args: Args) -> Path:
 
     # ---- final save: an ordinary HF directory (full weights or the LoRA adapter) ----
     final = out / "final"
-    training.save_final(accelerator, policy, processor, final)
+    training.save_final(accelerator, policy, processor, final, args.model)
     # Free the DDP model and optimizer before the process group goes: with gloo, tearing it down
     # with them alive aborts at exit in a fraction of runs (cpu-stack.md). free_memory() drops
     # accelerate's own references to them and runs gc.collect().

@@ -116,7 +116,7 @@ def build_checkpoint(size: str, out: Path, device: str, seed: int) -> Path:
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from minivr1 import tiny
-    from minivr1.models import ImageOnlyQwenProcessor
+    from minivr1.models import ImageOnlyQwenProcessor, save_processor
 
     if (out / "done").is_file():
         return out
@@ -130,7 +130,7 @@ def build_checkpoint(size: str, out: Path, device: str, seed: int) -> Path:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.do_sample = False
     model.save_pretrained(out)
-    ImageOnlyQwenProcessor(tiny.build_image_processor(), tokenizer, chat_template=tiny.CHAT_TEMPLATE).save_pretrained(out)
+    save_processor(ImageOnlyQwenProcessor(tiny.build_image_processor(), tokenizer, chat_template=tiny.CHAT_TEMPLATE), out)
     del model
     gc.collect()
     if device == "cuda":

@@ -24,13 +24,19 @@ LORA_TARGET = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_pr
 VISION_PREFIXES = ("model.visual", "visual")        # the vision tower's module path (transformers 5 / 4)
 
 
+# What a standard Qwen2.5-VL checkpoint names, and the files that hold a processor's configuration.
+STANDARD_PROCESSOR = "Qwen2_5_VLProcessor"
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+                   "chat_template.json", "chat_template.jinja")
+
+
 def _image_only_processor_class():
+    """Qwen2.5-VL's processor without its video part, for machines without torchvision (which the
+    video processor needs). An internal stand-in: `save_processor` never writes its name."""
     from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
     from transformers.processing_utils import ProcessorMixin
 
     class ImageOnlyQwenProcessor(Qwen2_5_VLProcessor):
-        """Qwen2.5-VL's processor without a video processor (which needs torchvision)."""
-
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
             self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
             self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
@@ -44,6 +50,63 @@ def __getattr__(name):          # lazy: importing transformers costs seconds
     if name == "ImageOnlyQwenProcessor":
         return _image_only_processor_class()
     raise AttributeError(name)
+
+
+def save_processor(processor, out_dir: str | Path, source: str | Path | None = None) -> None:
+    """Write `processor` into the model directory `out_dir` the way a standard Qwen2.5-VL checkpoint
+    carries it, so AutoProcessor (`transformers serve`, vLLM) opens it with images.
+
+    The source model's own processor files (`source`: the directory or hub id it was loaded from),
+    when it has any, are copied unchanged. Otherwise, as for a tiny model we build: the tokenizer
+    files, `preprocessor_config.json` (the image processor's settings under transformers' standard
+    class name, and `"processor_class": "Qwen2_5_VLProcessor"`, the layout of the hub's Qwen2.5-VL
+    checkpoints, from which transformers also builds the video processor) and the chat template.
+    Never the name of our torchvision-free stand-in, which no other program can import.
+    """
+    import shutil
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if type(processor).__name__ != "ImageOnlyQwenProcessor":
+        processor.save_pretrained(out)
+    else:
+        processor.tokenizer.save_pretrained(out)
+        tokenizer_config = out / "tokenizer_config.json"          # it names the processor class too
+        _write_json(tokenizer_config, {**json.loads(tokenizer_config.read_text()), "processor_class": STANDARD_PROCESSOR})
+        _write_json(out / "preprocessor_config.json",
+                    {**processor.image_processor.to_dict(), "processor_class": STANDARD_PROCESSOR})
+        (out / "chat_template.jinja").write_text(processor.chat_template)
+    found = [f for f in (_source_file(source, name) for name in PROCESSOR_FILES) if f is not None] if source else []
+    if found:
+        for name in PROCESSOR_FILES:        # the source's set of files, not a mix of theirs and ours
+            (out / name).unlink(missing_ok=True)
+        for f in found:
+            shutil.copyfile(f, out / f.name)
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def _source_file(source: str | Path, name: str) -> Path | None:
+    """`name` in the model `source` (a local directory, else the hub cache), or None."""
+    local = Path(source) / name
+    if Path(source).is_dir():
+        return local if local.is_file() else None
+    from transformers.utils import cached_file
+    try:
+        path = cached_file(str(source), name, _raise_exceptions_for_missing_entries=False)
+    except OSError:
+        return None
+    return Path(path) if path else None
+
+
+def processor_source(path: str | Path) -> str | Path:
+    """Where a model's processor files live: the model directory, or for a LoRA adapter directory
+    saved without them, its base model."""
+    if (Path(path) / "tokenizer_config.json").is_file():
+        return path
+    return adapter_base(path) or path
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
@@ -85,13 +148,13 @@ def adapter_base(path: str | Path) -> str | None:
 def load_processor(path: str | Path, max_pixels: int | None = None, trust_remote_code: bool = False):
     """The model's processor, with left padding (batched generation) and an optional image-size cap.
 
-    Falls back to an image-only Qwen processor when AutoProcessor cannot build one (no
-    torchvision for the video processor, or a tiny model saved by `minivr1.tiny`).
+    Falls back to an image-only Qwen processor built from the same files when AutoProcessor cannot
+    build the standard one (it needs torchvision for Qwen2.5-VL's video processor).
     """
     from transformers import AutoProcessor, AutoTokenizer
 
     check_source(path)
-    path = adapter_base(path) or path if not (Path(path) / "tokenizer_config.json").is_file() else path
+    path = processor_source(path)
     processor = None
     try:
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -181,7 +244,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "bf
     """Merge a LoRA adapter into its base and save a plain HF checkpoint (transformers, vLLM)."""
     model = load_policy(adapter_dir, mode="full", dtype=dtype, freeze_vision=False)
     model.save_pretrained(out_dir, safe_serialization=True)
-    load_processor(adapter_dir).save_pretrained(out_dir)
+    save_processor(load_processor(adapter_dir), out_dir, source=processor_source(adapter_dir))
     return Path(out_dir)
 
 

@@ -114,7 +114,7 @@ def build(size: str, out_dir: str | Path, seed: int = 0, dtype: torch.dtype = to
     """Build a randomly initialised Qwen2.5-VL of `size` and save it (with processor) to `out_dir`."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from minivr1.models import ImageOnlyQwenProcessor
+    from minivr1.models import ImageOnlyQwenProcessor, save_processor
 
     if size not in SIZES:
         raise ValueError(f"unknown tiny-model size {size!r}; choose one of {sorted(SIZES)}")
@@ -127,7 +127,7 @@ def build(size: str, out_dir: str | Path, seed: int = 0, dtype: torch.dtype = to
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.do_sample = False
     model.save_pretrained(out)
-    ImageOnlyQwenProcessor(build_image_processor(), tokenizer, chat_template=CHAT_TEMPLATE).save_pretrained(out)
+    save_processor(ImageOnlyQwenProcessor(build_image_processor(), tokenizer, chat_template=CHAT_TEMPLATE), out)
     return out
 
 

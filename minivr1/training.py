@@ -259,10 +259,12 @@ def resume_step(accelerator, out_dir, resume: str | None) -> int:
     return step
 
 
-def save_final(accelerator, policy, processor, final) -> None:
+def save_final(accelerator, policy, processor, final, source) -> None:
     """Save the trained policy as an ordinary HF directory (full weights, or the LoRA adapter) with
-    its processor, so evaluate.py and transformers open it directly. Every process calls it:
-    under FSDP / ZeRO-3 the full state dict is gathered first."""
+    its processor as a standard checkpoint carries it (`models.save_processor`; `source` is the
+    starting model), so evaluate.py, transformers and vLLM open it directly. Every process calls
+    it: under FSDP / ZeRO-3 the full state dict is gathered first."""
+    from minivr1.models import processor_source, save_processor
     from minivr1.tracking import print0
 
     accelerator.wait_for_everyone()
@@ -272,6 +274,6 @@ def save_final(accelerator, policy, processor, final) -> None:
         if state_dict:    # keys of the wrapper are "model.<key of the inner model>"
             state_dict = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
         unwrapped.save_pretrained(final, state_dict=state_dict or None, safe_serialization=True)
-        processor.save_pretrained(final)
+        save_processor(processor, final, source=processor_source(source))
         print0(f"saved {final}")
     accelerator.wait_for_everyone()

@@ -47,3 +47,57 @@ def make_eos_likely(model, processor, batch, max_new_tokens: int) -> None:
         direction = hidden.reshape(-1, hidden.shape[-1]).mean(0)
         eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
         model.get_output_embeddings().weight[eos] = direction / direction.norm()
+
+
+# Keys under which a Hugging Face JSON file names a class that loaders will look up (auto_map: remote code).
+CLASS_KEYS = ("processor_class", "image_processor_type", "video_processor_type", "feature_extractor_type",
+              "tokenizer_class", "architectures", "auto_map")
+
+
+def named_classes(directory) -> list[tuple[str, str, str]]:
+    """(file, key, class name) for every class a JSON file of the checkpoint names."""
+    import json
+    from pathlib import Path
+
+    found = []
+
+    def walk(value, file):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if k in CLASS_KEYS:
+                    for name in ([v] if isinstance(v, str) else list(v.values()) if isinstance(v, dict) else v or []):
+                        found.append((file, k, name))
+                walk(v, file)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v, file)
+
+    for path in sorted(Path(directory).rglob("*.json")):
+        walk(json.loads(path.read_text()), path.name)
+    return found
+
+
+def assert_standard_checkpoint(directory) -> None:
+    """A checkpoint the serving stack can read: every class its files name is one transformers defines
+    (no class of ours, no remote code), and its processor files are those transformers writes for a
+    standard Qwen2.5-VL: the expected image-processor fields are computed by transformers' own class
+    from the saved settings, not written out by hand here."""
+    import json
+    from pathlib import Path
+
+    import transformers
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    directory = Path(directory)
+    names = named_classes(directory)
+    foreign = [(f, k, n) for f, k, n in names if k == "auto_map" or not hasattr(transformers, n)]
+    assert not foreign, f"{directory}: classes transformers does not define, or remote code: {foreign}"
+    processor_class = transformers.Qwen2_5_VLProcessor.__name__
+    assert ("tokenizer_config.json", "processor_class", processor_class) in names
+    saved = json.loads((directory / "preprocessor_config.json").read_text())
+    settings = {k: saved[k] for k in ("size", "patch_size", "temporal_patch_size", "merge_size", "image_mean",
+                                      "image_std")}
+    written = json.loads(Qwen2VLImageProcessorPil(**settings).to_json_string())     # as transformers writes it
+    expected = {**written, "processor_class": processor_class}
+    assert saved == expected
+    assert (directory / "chat_template.jinja").is_file() or (directory / "chat_template.json").is_file()

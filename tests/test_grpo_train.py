@@ -19,7 +19,7 @@ from minivr1 import checkpoint, data, grader, models, rollout, training
 from minivr1.chat import prompt_batch
 from minivr1.grpo import grpo_loss
 from minivr1.policy import TokenLogprobs, scatter_logprobs
-from conftest import make_eos_likely
+from conftest import assert_standard_checkpoint, make_eos_likely
 
 TIMING_KEYS = {"t_rollout", "t_update", "tok_per_s", "time"}
 
@@ -407,5 +407,6 @@ def test_zero_variance_groups_give_no_update(model_dir, toy_dir, tmp_path, monke
         assert m["reward"] == 1 and m["reward_std"] == 0
     start = {k: v for f in model_dir.glob("*.safetensors") for k, v in load_file(f).items()}
     final = final_weights(tmp_path)
+    assert_standard_checkpoint(tmp_path / "final")
     assert final.keys() == start.keys()
     assert all(torch.equal(final[k], start[k]) for k in start)

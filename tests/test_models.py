@@ -66,3 +66,38 @@ def test_adapter_dir_loads_merged_and_exports(tiny_model_dir, tmp_path):
         assert not (out / "adapter_config.json").exists()      # a plain checkpoint
         plain = models.load_for_inference(out, dtype="fp32", device="cpu")
         torch.testing.assert_close(plain(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_tiny_build_writes_a_standard_checkpoint(tiny_model_dir):
+    """Issue: checkpoints named a processor class only minivr1 defines, so AutoProcessor (transformers
+    serve, vLLM) fell back to the tokenizer and silently dropped every image."""
+    from conftest import assert_standard_checkpoint
+    assert_standard_checkpoint(tiny_model_dir)
+
+
+def test_merged_export_is_standard_and_keeps_the_source_processor_files(tiny_model_dir, tmp_path):
+    """merge writes a standard directory whose processor files are the base model's, byte for byte."""
+    from conftest import assert_standard_checkpoint
+
+    lora = models.load_policy(tiny_model_dir, mode="lora", dtype="fp32", lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    lora.save_pretrained(tmp_path / "adapter")
+    models.save_processor(models.load_processor(tiny_model_dir), tmp_path / "adapter", source=tiny_model_dir)
+    out = models.merge_adapter(tmp_path / "adapter", tmp_path / "merged", dtype="fp32")
+    assert_standard_checkpoint(out)
+    for name in ("preprocessor_config.json", "chat_template.jinja"):
+        assert (out / name).read_bytes() == (tiny_model_dir / name).read_bytes(), name
+
+
+def test_our_loader_still_opens_standard_checkpoints_without_torchvision(tiny_model_dir, toy_dir):
+    """The PIL fallback is an internal detail: it loads the standard files and gives image tokens."""
+    import importlib.util
+
+    from minivr1 import data
+    from minivr1.chat import prompt_batch
+
+    assert importlib.util.find_spec("torchvision") is None      # the situation this test is about
+    processor = models.load_processor(tiny_model_dir)
+    problems, _ = data.read_problems(toy_dir / "data" / "eval.jsonl")
+    batch = prompt_batch(processor, problems[:2])
+    image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert (batch["input_ids"] == image_id).sum(1).tolist() == [16, 16]

@@ -27,6 +27,7 @@ import train_sft
 from minivr1 import checkpoint, data, models
 from minivr1.chat import SFTCollator, conversation_messages
 from minivr1.data import Conversation, DataError
+from conftest import assert_standard_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -208,6 +209,7 @@ def test_sft_learns_and_writes_its_outputs(full_run, tiny_model_dir):
     changed = [k for k in base if not torch.equal(base[k], trained[k])]
     assert changed and not any(k.startswith("model.visual") for k in changed)   # vision tower frozen
     assert models.load_processor(final).tokenizer.convert_tokens_to_ids("<think>") is not None
+    assert_standard_checkpoint(final)
 
 
 def test_sft_resume_is_exact(full_run, toy_dir, tmp_path, capsys):
@@ -246,6 +248,7 @@ def test_sft_lora_resume_is_exact_and_final_is_an_adapter(lora_runs, tiny_model_
     final, resumed = lora_runs
     assert [m["step"] for m in _metrics(resumed.parent)] == [2, 3]          # it did resume
     assert (final / "adapter_config.json").is_file() and not (final / "model.safetensors").exists()
+    assert_standard_checkpoint(final)
     assert models.adapter_base(final) == str(tiny_model_dir)
     a, b = load_file(final / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all("lora_" in k for k in a)

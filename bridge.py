@@ -57,7 +57,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minivr1 import backends, bridging, config, data, grader
+from minivr1 import backends, bridging, cli, config, data, grader
 from minivr1.backends import ChatRequest, Sampling
 from minivr1.data import DEFAULT_MAX_PIXELS
 from minivr1.tracking import print0, progress_bar
@@ -66,7 +66,7 @@ STAGE_FILES = ["stage1_pseudo_cot.jsonl", "stage2_description.jsonl", "stage3_re
 
 
 @dataclass
-class Args:
+class Args(backends.ClientArgs):            # + the server options: --concurrency, --request_timeout, --max_retries, ...
     data: str = field(default="runs/toy/data/rl_train.jsonl", metadata={"help": "problems with ground-truth answers: RL (Vision-R1-rl / geometry3k) or MathVista layout, JSON/JSONL/parquet"})
     image_root: str | None = field(default=None, metadata={"help": "directory image paths are relative to (default: the data file's directory)"})
     output_dir: str = field(default="runs/toy/bridge", metadata={"help": "stage files, cold_start.json, report.json; rerun with the same one to resume"})
@@ -86,11 +86,6 @@ class Args:
     reasoner_temperature: float = field(default=0.6, metadata={"help": "reasoner sampling temperature (DeepSeek's recommendation for R1: 0.6)"})
     top_p: float = field(default=0.95, metadata={"help": "nucleus sampling top_p for both models"})
     batch_size: int = field(default=8, metadata={"help": "local backends: requests per generate call"})
-    concurrency: int = field(default=16, metadata={"help": "openai backends: requests in flight at once"})
-    request_timeout: float = field(default=1200.0, metadata={"help": "openai backends: seconds to wait for a reply before retrying"})
-    max_retries: int = field(default=5, metadata={"help": "openai backends: retries on 429, 5xx, timeouts, malformed replies"})
-    backoff_base: float = field(default=1.0, metadata={"help": "openai backends: first retry waits about this many seconds, doubling each time (jittered; Retry-After wins)"})
-    backoff_max: float = field(default=60.0, metadata={"help": "openai backends: longest wait between retries, in seconds"})
     min_words: int = field(default=20, metadata={"help": "filter: drop responses shorter than this many words"})
     max_words: int = field(default=12000, metadata={"help": "filter: drop responses longer than this many words (~16K tokens, the paper's SFT cutoff; lower it to fit a shorter train_sft.py --max_length)"})
     max_repeats: int = field(default=8, metadata={"help": "filter: drop responses where one 8-word sequence occurs more often than this (a loop)"})
@@ -121,8 +116,7 @@ class Models:
             kind, name = getattr(a, f"{role}_backend"), getattr(a, role)
             if kind == "openai":
                 self.loaded[key] = backends.OpenAIBackend(
-                    getattr(a, f"{role}_api_base"), name, getattr(a, f"{role}_api_key_env"), a.concurrency,
-                    a.request_timeout, a.max_retries, a.backoff_base, a.backoff_max)
+                    getattr(a, f"{role}_api_base"), name, getattr(a, f"{role}_api_key_env"), **a.client_options())
             elif kind == "causal_lm":
                 self.loaded[key] = backends.CausalLMBackend(name, a.batch_size, a.dtype, a.seed, a.trust_remote_code)
             else:
@@ -251,4 +245,4 @@ def main(args: Args, mllm=None, reasoner=None) -> dict:
 
 
 if __name__ == "__main__":
-    main(config.parse_args(Args, description=__doc__))
+    cli.run(main, Args, __doc__)

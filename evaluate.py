@@ -38,13 +38,18 @@ from pathlib import Path
 
 import torch
 
-from minivr1 import backends, config, data, evaluation, models, rollout
+from minivr1 import backends, cli, data, evaluation, models, rollout
 from minivr1.chat import R1_ZERO_SYSTEM_PROMPT, problem_messages, prompt_batch
 from minivr1.tracking import print0, progress_bar
 
 
+SERVER_SAMPLING_CAVEAT = (
+    "temperature and top_p were requested from the server, which may not sample as requested: transformers "
+    "serve, for one, decodes greedily when the model's generation_config.json says do_sample: false")
+
+
 @dataclass
-class Args:
+class Args(backends.ClientArgs):            # + the server options: --concurrency, --request_timeout, --max_retries, ...
     model: str | None = field(default=None, metadata={"help": "hub id, full checkpoint dir, or LoRA adapter dir to generate with"})
     data: str | None = field(default=None, metadata={"help": "benchmark file: MathVista-style or RL format (JSON/JSONL/parquet)"})
     image_root: str | None = field(default=None, metadata={"help": "directory image paths are relative to (default: the data file's directory)"})
@@ -67,8 +72,6 @@ class Args:
     api_base: str | None = field(default=None, metadata={"help": "generate through an OpenAI-compatible server instead of --model: its base URL, e.g. http://localhost:8000/v1 (vllm serve)"})
     api_model: str | None = field(default=None, metadata={"help": "with --api_base: the model name the server serves"})
     api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "with --api_base: NAME of the environment variable holding the API key (unset: no key); the key is never printed or saved"})
-    concurrency: int = field(default=32, metadata={"help": "with --api_base: requests in flight at once"})
-    request_timeout: float = field(default=1200.0, metadata={"help": "with --api_base: seconds to wait for a reply before retrying (429, 5xx and timeouts are retried with backoff)"})
 
 
 def one_off(args: Args) -> None:
@@ -88,8 +91,7 @@ def one_off(args: Args) -> None:
 
 def generate_via_api(args: Args, todo: list, preds_path: Path) -> None:
     """Generate through an OpenAI-compatible server, appending each record as its reply arrives."""
-    server = backends.OpenAIBackend(args.api_base, args.api_model, args.api_key_env, args.concurrency,
-                                    args.request_timeout)
+    server = backends.OpenAIBackend(args.api_base, args.api_model, args.api_key_env, **args.client_options())
     sampling = backends.Sampling(args.max_new_tokens, args.temperature, args.top_p)
     by_id = {p.id: p for p in todo}
     requests = (backends.ChatRequest(p.id, p.question, p.images, args.system_prompt) for p in todo)
@@ -186,10 +188,12 @@ def main(args: Args) -> dict | None:
         summary = evaluation.summarize(records)
     summary.update({"model": args.model or args.api_model, "data": args.data or args.predictions, "temperature": args.temperature,
                     "top_p": args.top_p, "max_new_tokens": args.max_new_tokens})
+    if args.api_base:
+        summary["sampling"] = SERVER_SAMPLING_CAVEAT
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print0(evaluation.format_summary(summary, title=f"{args.model or args.api_model or args.predictions}: "))
     return summary
 
 
 if __name__ == "__main__":
-    main(config.parse_args(Args, description=__doc__))
+    cli.run(main, Args, __doc__)

@@ -25,17 +25,25 @@ OpenAIBackend, in detail:
     never an argument, and is never printed, logged, saved, or put in an error message (a server
     message that echoes it is redacted). Unset variable: requests go without a key (a local
     `vllm serve` needs none).
-  - At most `concurrency` requests are in flight (one thread each); `timeout` seconds per socket
-    operation (for a non-streamed request that is the wait for the whole answer; DeepSeek's API
-    sends keep-alive blank lines, which is fine).
+  - At most `concurrency` requests are in flight (one thread each). `connect_timeout` seconds to
+    connect; then `timeout` seconds for the reply (for a non-streamed request, the whole answer,
+    including any time it waits in the server's queue; DeepSeek's API sends keep-alive blank
+    lines, which is fine). A timeout means the server is behind: it halves the number of requests
+    in flight before the retry (at most once per wave of requests), and each run of that many
+    answers in a row raises it by one again, up to `concurrency`. So a server that generates one
+    request at a time (`transformers serve`) gets a short queue, not a storm of resends.
   - Retried, up to `max_retries` times, with exponential backoff `backoff_base * 2**attempt`
     (capped at `backoff_max`) times a random jitter factor in [0.5, 1.5), or exactly what a
-    Retry-After header asks: HTTP 429, HTTP 5xx, timeouts, dropped connections, and a 200 reply
-    whose body is not the expected JSON (a body cut short by a proxy or an overloaded server is
-    transient; if it persists, BackendError says "malformed reply" with the body's start).
-  - Not retried (BackendError at once, and the other requests stop retrying): 401/403 (the key
-    in environment variable X was rejected, or X is not set), 404 (wrong URL or model name),
-    any other 4xx (with the server's message).
+    Retry-After header asks: HTTP 429, HTTP 5xx, timeouts, dropped connections, a refused
+    connection once the server has answered (it is restarting), and a 200 reply whose body is
+    not the expected JSON (a body cut short by a proxy or an overloaded server is transient; if
+    it persists, BackendError says "malformed reply" with the body's start).
+  - Not retried (BackendError at once, and the other requests stop retrying): a refused
+    connection before the server ever answered ("nothing listens at URL": wrong port, or not
+    started), 401/403 (the key in environment variable X was rejected, or X is not set), 404
+    (wrong URL or model name), any other 4xx. Error messages quote the server's own message
+    (OpenAI's {"error": {"message"}}, FastAPI's {"detail"}), not its raw JSON.
+  - Proxies: the standard http_proxy / https_proxy / no_proxy environment variables apply.
   - A reasoning model's separate reasoning field, `reasoning_content` (DeepSeek, vLLM's reasoning
     parsers) or `reasoning` (newer vLLM), becomes `ChatResult.reasoning`.
 
@@ -58,13 +66,15 @@ import os
 import queue
 import random
 import re
+import ssl
 import threading
 import time
-import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
+from minivr1.cli import UserError
 from minivr1.data import ImageRef, Problem
 
 log = logging.getLogger(__name__)
@@ -72,8 +82,25 @@ log = logging.getLogger(__name__)
 MAX_RETRY_AFTER = 600.0  # seconds; a server asking for more is treated as asking for this
 
 
-class BackendError(RuntimeError):
+class BackendError(UserError, RuntimeError):
     """A request that cannot succeed (bad key, wrong URL, a 4xx, retries used up); says what to do."""
+
+
+@dataclass
+class ClientArgs:
+    """How evaluate.py and bridge.py talk to OpenAI-compatible servers (the same flags in both)."""
+
+    concurrency: int = field(default=32, metadata={"help": "openai backends: most requests in flight at once (fewer while the server times out)"})
+    connect_timeout: float = field(default=10.0, metadata={"help": "openai backends: seconds to connect to the server"})
+    request_timeout: float = field(default=1200.0, metadata={"help": "openai backends: seconds to wait for a reply, queueing at the server included; a timeout halves the requests in flight and retries"})
+    max_retries: int = field(default=10, metadata={"help": "openai backends: retries of a request on 429, 5xx, timeouts, dropped connections, a restarting server, malformed replies (the default waits ~5 min in all)"})
+    backoff_base: float = field(default=1.0, metadata={"help": "openai backends: first retry waits about this many seconds, doubling each time (jittered; Retry-After wins)"})
+    backoff_max: float = field(default=60.0, metadata={"help": "openai backends: longest wait between retries, in seconds"})
+
+    def client_options(self) -> dict:
+        """These options as OpenAIBackend keyword arguments."""
+        return dict(concurrency=self.concurrency, connect_timeout=self.connect_timeout, timeout=self.request_timeout,
+                    max_retries=self.max_retries, backoff_base=self.backoff_base, backoff_max=self.backoff_max)
 
 
 @dataclass
@@ -285,11 +312,12 @@ class _Secret:
 
 
 class _Retryable(Exception):
-    """A failed attempt worth repeating; `wait` is the server's Retry-After in seconds, if any."""
+    """A failed attempt worth repeating; `wait` is the server's Retry-After in seconds, if any;
+    `timeout` says the server did not answer in time (so fewer requests should be in flight)."""
 
-    def __init__(self, problem: str, wait: float | None = None):
+    def __init__(self, problem: str, wait: float | None = None, timeout: bool = False):
         super().__init__(problem)
-        self.problem, self.wait = problem, wait
+        self.problem, self.wait, self.timeout = problem, wait, timeout
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -304,6 +332,42 @@ def _retry_after(value: str | None) -> float | None:
         except (TypeError, ValueError):
             return None
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+class _InFlight:
+    """At most `limit` requests in flight, `limit` adapting between 1 and `most`: a timeout halves the
+    limit the request was sent under (so a wave of timeouts halves it once), and `limit` answers in a
+    row raise it by one (additive increase, multiplicative decrease, as TCP does)."""
+
+    def __init__(self, most: int, stop: threading.Event):
+        self.most = self.limit = most
+        self.active = self.streak = 0
+        self.stop = stop
+        self._cond = threading.Condition()
+
+    def enter(self) -> int:
+        """Wait for a slot; returns the limit the request goes out under."""
+        with self._cond:
+            while self.active >= self.limit and not self.stop.is_set():
+                self._cond.wait(0.1)
+            self.active += 1
+            return self.limit
+
+    def leave(self, outcome: str, sent_under: int) -> None:
+        """outcome: "answered", "timeout" or "failed" (anything else: no change to the limit)."""
+        with self._cond:
+            self.active -= 1
+            if outcome == "timeout":
+                new = min(self.limit, max(1, sent_under // 2))
+                if new < self.limit:
+                    log.warning("the server is not answering within the timeout: %d requests in flight at most, "
+                                "not %d", new, self.limit)
+                self.limit, self.streak = new, 0
+            elif outcome == "answered":
+                self.streak += 1
+                if self.streak >= self.limit and self.limit < self.most:
+                    self.limit, self.streak = self.limit + 1, 0
+            self._cond.notify_all()
 
 
 def image_data_url(ref: ImageRef) -> str:
@@ -335,11 +399,35 @@ def openai_messages(request: ChatRequest) -> list[dict]:
     return messages + [{"role": "user", "content": parts}]
 
 
+def _connection(url: str, connect_timeout: float) -> tuple[http.client.HTTPConnection, str]:
+    """A not-yet-connected HTTP(S) connection for `url` (through the environment's proxy, if any)
+    and the request target to send on it."""
+    u = urllib.parse.urlsplit(url)
+    https = u.scheme == "https"
+    port = u.port or (443 if https else 80)
+    proxy = urllib.request.getproxies().get(u.scheme)
+    if proxy and urllib.request.proxy_bypass(u.hostname or ""):
+        proxy = None
+    target = u.path + (f"?{u.query}" if u.query else "")
+    if not proxy:
+        cls = http.client.HTTPSConnection if https else http.client.HTTPConnection
+        kwargs = {"context": ssl.create_default_context()} if https else {}
+        return cls(u.hostname, port, timeout=connect_timeout, **kwargs), target
+    p = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+    if https:                                   # a CONNECT tunnel through the proxy
+        conn = http.client.HTTPSConnection(p.hostname, p.port or 80, timeout=connect_timeout,
+                                           context=ssl.create_default_context())
+        conn.set_tunnel(u.hostname, port)
+        return conn, target
+    return http.client.HTTPConnection(p.hostname, p.port or 80, timeout=connect_timeout), url   # absolute URL
+
+
 class OpenAIBackend:
     """An OpenAI-compatible chat-completions server (see the module docstring for the behaviour)."""
 
     def __init__(self, api_base: str, model: str, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8,
-                 timeout: float = 1200.0, max_retries: int = 5, backoff_base: float = 1.0, backoff_max: float = 60.0):
+                 timeout: float = 1200.0, max_retries: int = 10, backoff_base: float = 1.0, backoff_max: float = 60.0,
+                 connect_timeout: float = 10.0):
         if not api_base or not model:
             raise ValueError("an OpenAI-compatible backend needs a base URL (e.g. http://localhost:8000/v1) "
                              "and a model name")
@@ -347,9 +435,12 @@ class OpenAIBackend:
         self.url = base if base.endswith("/chat/completions") else base + "/chat/completions"
         self.model, self.api_key_env = model, api_key_env
         self.concurrency, self.timeout, self.max_retries = max(1, concurrency), timeout, max_retries
+        self.connect_timeout = connect_timeout
         self.backoff_base, self.backoff_max = backoff_base, backoff_max
         self._key = _Secret(os.environ.get(api_key_env))
         self._stop = threading.Event()              # set on a fatal error: the other threads stop retrying
+        self._in_flight = _InFlight(self.concurrency, self._stop)
+        self._answered = False                      # has the server ever answered? (refused: restart, not a typo)
         if self._key.reveal() is None:
             log.info("environment variable %s is not set: sending requests without an API key", api_key_env)
 
@@ -399,60 +490,83 @@ class OpenAIBackend:
         body = json.dumps({"model": self.model, "messages": openai_messages(request),
                            "max_tokens": sampling.max_new_tokens, "temperature": sampling.temperature,
                            "top_p": sampling.top_p}).encode()
+        t0 = time.monotonic()
         for attempt in range(self.max_retries + 1):
             if self._stop.is_set():
                 raise BackendError(f"request {request.key!r} stopped: another request failed or the run was interrupted")
+            sent_under, outcome = self._in_flight.enter(), "failed"
             try:
-                return self._parse(request.key, self._post(body))
+                raw = self._post(body)
+                outcome = "answered"
+                return self._parse(request.key, raw)
             except _Retryable as e:
+                outcome = "timeout" if e.timeout else "failed"
                 if attempt == self.max_retries:
                     raise BackendError(f"request {request.key!r} to {self.url}: {e.problem}; gave up after "
-                                       f"{attempt + 1} attempts (raise --max_retries or check the server)") from None
+                                       f"{attempt + 1} attempts in {time.monotonic() - t0:.0f} s (raise --max_retries "
+                                       f"or --request_timeout, or check the server)") from None
                 delay = e.wait if e.wait is not None else \
                     min(self.backoff_max, self.backoff_base * 2 ** attempt) * random.uniform(0.5, 1.5)
                 log.warning("request %r: %s; retry %d/%d in %.2f s", request.key, e.problem, attempt + 1,
                             self.max_retries, delay)
-                if self._stop.wait(delay):
-                    raise BackendError(f"request {request.key!r} stopped: another request failed or the run was "
-                                       "interrupted") from None
+            finally:
+                self._in_flight.leave(outcome, sent_under)
+            if self._stop.wait(delay):
+                raise BackendError(f"request {request.key!r} stopped: another request failed or the run was "
+                                   "interrupted") from None
         raise AssertionError("unreachable")
 
     def _post(self, body: bytes) -> bytes:
+        """One POST: connect within `connect_timeout`, then the reply within `timeout`."""
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._key.reveal():
             headers["Authorization"] = "Bearer " + self._key.reveal()
+        conn, target = _connection(self.url, self.connect_timeout)
         try:
-            with urllib.request.urlopen(urllib.request.Request(self.url, body, headers, method="POST"),
-                                        timeout=self.timeout) as reply:
-                return reply.read()
-        except urllib.error.HTTPError as e:
             try:
-                message = self._server_message(e)
-            finally:
-                e.close()
-            if e.code == 429 or e.code >= 500:
-                raise _Retryable(f"HTTP {e.code} ({message})", _retry_after(e.headers.get("Retry-After"))) from None
-            raise self._fatal(e.code, message) from None
+                conn.connect()
+            except ConnectionRefusedError:
+                if not self._answered:       # never reached: a wrong URL or a server not started
+                    raise BackendError(f"nothing listens at {self.url}: start the server (and wait until it is up), "
+                                       "or fix its base URL") from None
+                raise _Retryable("the server refused the connection (restarting?)") from None
+            except TimeoutError:
+                raise _Retryable(f"could not connect within {self.connect_timeout} s (--connect_timeout)") from None
+            conn.sock.settimeout(self.timeout)
+            conn.request("POST", target, body, headers)
+            reply = conn.getresponse()
+            status, raw = reply.status, reply.read()
+            retry_after = reply.getheader("Retry-After")
         except TimeoutError:
-            raise _Retryable(f"no reply within {self.timeout} s (--request_timeout)") from None
-        except urllib.error.URLError as e:
-            if isinstance(e.reason, TimeoutError):
-                raise _Retryable(f"no reply within {self.timeout} s (--request_timeout)") from None
-            raise _Retryable(f"cannot reach the server ({e.reason})") from None
-        except (ConnectionError, http.client.HTTPException) as e:  # reset, dropped, cut-off body
-            raise _Retryable(f"connection failed ({type(e).__name__})") from None
+            raise _Retryable(f"no reply within {self.timeout} s (--request_timeout)", timeout=True) from None
+        except (OSError, http.client.HTTPException) as e:    # reset, dropped, cut-off body, DNS, TLS
+            raise _Retryable(f"connection failed ({type(e).__name__}: {e})") from None
+        finally:
+            conn.close()
+        self._answered = True
+        if status == 200:
+            return raw
+        message = self._server_message(raw)
+        if status == 429 or status >= 500:
+            raise _Retryable(f"HTTP {status} ({message})", _retry_after(retry_after))
+        raise self._fatal(status, message)
 
-    def _server_message(self, e: urllib.error.HTTPError) -> str:
-        """The error message from the body (OpenAI style {"error": {"message"}} or text), short, redacted."""
+    def _server_message(self, raw: bytes) -> str:
+        """The server's own error message: OpenAI's {"error": {"message"}}, FastAPI's {"detail": "..."}
+        or {"detail": [{"loc": [...], "msg": ...}]}, else the text; short, key redacted."""
+        text = raw.decode("utf-8", "replace")
         try:
-            text = e.read().decode("utf-8", "replace")
-        except (OSError, http.client.HTTPException):
-            text = ""
-        try:
-            err = json.loads(text).get("error", text)
-            text = err.get("message", str(err)) if isinstance(err, dict) else str(err)
-        except (ValueError, AttributeError):
-            pass
+            body = json.loads(text)
+        except ValueError:
+            body = None
+        if isinstance(body, dict):
+            err = body.get("error", body.get("detail", body.get("message", text)))
+            if isinstance(err, dict):
+                err = err.get("message", str(err))
+            elif isinstance(err, list):       # FastAPI validation errors
+                err = "; ".join(f"{'.'.join(map(str, e.get('loc', [])))}: {e.get('msg', e)}" if isinstance(e, dict)
+                                else str(e) for e in err)
+            text = str(err)
         return self._key.redact(" ".join(text.split())[:300]) or "no message"
 
     def _fatal(self, code: int, message: str) -> BackendError:

@@ -96,6 +96,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 from PIL import Image
 
+from minivr1.cli import UserError
+
 DEFAULT_MAX_PIXELS = 8192 * 8192
 SKIP_HINT = "pass --skip_bad_records to skip the record (skipped records are counted and reported)"
 QUESTION_TYPES = ("multi_choice", "free_form")
@@ -103,7 +105,7 @@ ANSWER_TYPES = ("integer", "float", "text", "list")
 IMAGE_TOKEN = "<image>"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A record or file that cannot be used; the message says where, which field, and what to do."""
 
 

@@ -131,6 +131,27 @@ def build(size: str, out_dir: str | Path, seed: int = 0, dtype: torch.dtype = to
     return out
 
 
+def build_text(out_dir: str | Path, seed: int = 0, hidden_size: int = 64, num_hidden_layers: int = 2) -> Path:
+    """A randomly initialised Qwen2 text-only model with the tiny tokenizer (its chat template too):
+    the text-only reasoner of modality bridging (`bridge.py --reasoner_backend causal_lm` locally, or
+    served by vLLM, which serves text models on a CPU)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    out = Path(out_dir)
+    tokenizer = build_tokenizer()
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=4096, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 if __name__ == "__main__":
     import argparse
 

@@ -14,6 +14,9 @@ last one repeating:
     "401"            HTTP 401 whose message echoes the Authorization header (as some servers
                      do), so a test can check the client redacts the key
     "404"            HTTP 404
+    "422"            HTTP 422 with a FastAPI-style body {"detail": [{"loc": [...], "msg": ...}]}
+    "serial"         like "ok", but one such request at a time, each taking `serial_s`: a server
+                     that queues requests and generates one at a time (transformers serve)
 
 "default" requests get `default(body) -> dict(content=..., reasoning=..., tokens=...)`.
 The server records every request (headers and parsed body), counts per scenario, and the most
@@ -49,10 +52,12 @@ def completion(body: dict, content: str, reasoning: str | None = None, tokens: i
 
 
 class FakeOpenAIServer:
-    def __init__(self, scripts: dict[str, list[str]] | None = None, default=None, hang_s: float = 1.0):
+    def __init__(self, scripts: dict[str, list[str]] | None = None, default=None, hang_s: float = 1.0,
+                 serial_s: float = 0.1, port: int = 0):
         self.scripts = scripts or {}
         self.default = default or (lambda body: {"content": "ok"})
-        self.hang_s = hang_s
+        self.hang_s, self.serial_s, self.port = hang_s, serial_s, port
+        self._one_at_a_time = threading.Lock()
         self.counts: Counter = Counter()
         self.requests: list[dict] = []            # {"headers": {...}, "body": {...}, "case": str}
         self.in_flight = self.max_in_flight = 0
@@ -77,7 +82,7 @@ class FakeOpenAIServer:
                     with server._lock:
                         server.in_flight -= 1
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
         self._thread.start()
@@ -107,6 +112,10 @@ class FakeOpenAIServer:
         if kind == "slow":
             time.sleep(0.2)
             kind = "ok"
+        if kind == "serial":
+            with self._one_at_a_time:
+                time.sleep(self.serial_s)
+            kind = "ok"
         if kind == "ok":
             reply = completion(body, f"answer for {case}") if case != "default" else \
                 completion(body, **self.default(body))
@@ -121,6 +130,9 @@ class FakeOpenAIServer:
             echo = h.headers.get("Authorization", "")
             message = {"error": {"message": f"Incorrect API key provided: {echo}", "type": "invalid_request_error"}}
             return self._send(h, 401, json.dumps(message).encode())
+        if kind == "422":
+            detail = {"detail": [{"type": "extra_forbidden", "loc": ["body", "top_k"], "msg": "Extra inputs are not permitted"}]}
+            return self._send(h, 422, json.dumps(detail).encode())
         if kind == "404":
             return self._send(h, 404, json.dumps({"error": {"message": "The model does not exist"}}).encode())
         headers = {"Retry-After": arg} if arg else {}

@@ -249,20 +249,10 @@ def test_evaluate_through_a_server_with_resume(toy_dir, tmp_path, key, _reset_ac
 
 
 @pytest.fixture(scope="module")
-def tiny_causal_lm(tiny_model_dir, tmp_path_factory):
-    """A random 1-layer Qwen2 text model with the tiny VLM's tokenizer (it has a chat template)."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-    import torch
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("causal") / "lm"
-    Qwen2ForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+def tiny_causal_lm(tmp_path_factory):
+    """A random Qwen2 text model with the tiny tokenizer (it has a chat template)."""
+    from minivr1 import tiny
+    return tiny.build_text(tmp_path_factory.mktemp("causal") / "lm", hidden_size=32, num_hidden_layers=1)
 
 
 def test_causal_lm_backend_generates_text_only(tiny_causal_lm, toy_dir):
@@ -279,3 +269,87 @@ def test_causal_lm_backend_generates_text_only(tiny_causal_lm, toy_dir):
 def test_completion_helper_shape():
     reply = completion({"model": "m"}, "c", reasoning="r", tokens=None)
     assert "usage" not in reply and reply["choices"][0]["message"]["reasoning_content"] == "r"
+
+
+# ----------------------------------------------------------------------------- the client's edges
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_wrong_port_fails_fast_saying_nothing_listens(key):
+    url = f"http://127.0.0.1:{_free_port()}/v1"
+    t0 = time.monotonic()
+    with pytest.raises(BackendError, match=f"nothing listens at {url}"):
+        list(_backend(url, max_retries=5, backoff_base=1.0).complete([ChatRequest("a", "hi")], SAMPLING))
+    assert time.monotonic() - t0 < 1.0                           # not a retry loop
+
+
+def test_a_server_that_restarts_loses_no_request(key):
+    """Refused connections after the server has answered once are a restart: wait and retry."""
+    port = _free_port()
+    requests = [ChatRequest(str(i), "case=slow") for i in range(6)]
+    backend = _backend(f"http://127.0.0.1:{port}/v1", concurrency=2, timeout=5, max_retries=8, backoff_base=0.05,
+                       backoff_max=0.2)
+    results = []
+    server = FakeOpenAIServer({"slow": ["slow"]}, port=port).__enter__()
+    for r in backend.complete(requests, SAMPLING):
+        results.append(r.key)
+        if len(results) == 2:                                     # the server goes away ...
+            server.__exit__(None, None, None)
+            time.sleep(0.3)
+            server = FakeOpenAIServer({"slow": ["slow"]}, port=port).__enter__()   # ... and comes back
+    server.__exit__(None, None, None)
+    assert sorted(results) == sorted(r.key for r in requests)
+
+
+def test_fastapi_error_detail_is_shown_as_its_message(key):
+    with FakeOpenAIServer({"bad": ["422"]}) as server:
+        with pytest.raises(BackendError) as info:
+            list(_backend(server.url).complete([ChatRequest("a", "case=bad")], SAMPLING))
+    assert "HTTP 422: body.top_k: Extra inputs are not permitted" in str(info.value)
+    assert "{" not in str(info.value)
+
+
+def test_a_one_at_a_time_server_gets_no_retry_storm(key):
+    """Issue: against a server that generates one request at a time, a timeout shorter than the queue
+    turned waiting into retries: 115 requests for 40 records, then the client gave up. A timeout now
+    halves the requests in flight, so the queue shrinks instead of growing."""
+    n = 16
+    with FakeOpenAIServer({"q": ["serial"]}, serial_s=0.1) as server:
+        requests = [ChatRequest(str(i), "case=q") for i in range(n)]
+        backend = _backend(server.url, concurrency=8, timeout=0.45, max_retries=6, backoff_base=0.01,
+                           backoff_max=0.05)
+        results = list(backend.complete(requests, SAMPLING))
+    assert sorted(r.key for r in results) == sorted(r.key for r in requests)
+    assert server.counts["q"] <= 2 * n, server.counts["q"]        # fewer resends than records
+
+
+def test_evaluate_and_bridge_share_the_client_options():
+    import dataclasses
+
+    shared = {f.name for f in dataclasses.fields(backends.ClientArgs)}
+    assert {"max_retries", "request_timeout", "connect_timeout", "concurrency"} <= shared
+    for script in (evaluate.Args, bridge.Args):
+        names = {f.name for f in dataclasses.fields(script)}
+        assert shared <= names, script
+
+
+def test_a_dead_server_is_one_clean_line_from_evaluate(toy_dir, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    url = f"http://127.0.0.1:{_free_port()}/v1"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "evaluate.py"), "--api_base", url, "--api_model", "m",
+                           "--data", str(toy_dir / "data" / "eval.jsonl"), "--output_dir", str(tmp_path / "e")],
+                          capture_output=True, text=True, timeout=120, cwd=root)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and f"nothing listens at {url}" in last

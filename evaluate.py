@@ -43,7 +43,7 @@ every departure from the official protocols.
 Writes predictions.jsonl (id, response, extracted answer, correct, format_ok, length, count of
 "Wait", the benchmark's grouping fields) and summary.json (accuracy, format rate, length, accuracy
 by length, and the benchmark's own metrics). A rerun skips ids already in predictions.jsonl, so an
-interrupted evaluation resumes.
+interrupted evaluation resumes; it stops if the file holds another benchmark's or prompt style's.
 
 Departure from the authors' harness: no re-sampling when </answer> is missing, and no LLM
 answer extraction or judge; with the plain style a response without an <answer> block scores 0.
@@ -209,6 +209,10 @@ def main(args: Args) -> dict | None:
                 out.mkdir(parents=True, exist_ok=True)
                 data.repair_tail(preds_path)
             done = data.read_done(preds_path)
+            made = {(r.get("benchmark", bench.name), r.get("prompt_style", args.prompt_style)) for r in done.values()}
+            if made - {(bench.name, args.prompt_style)}:   # never mix two runs' records in one file
+                raise SystemExit(f"{preds_path} holds predictions made for {sorted(made)} (benchmark, prompt style), "
+                                 f"not {bench.name} with --prompt_style {args.prompt_style}: use another --output_dir")
             todo = [p for p in problems if p.id not in done]
             print0(f"{len(problems)} problems, {len(done)} already in {preds_path}, {len(todo)} to generate")
             if args.api_base:

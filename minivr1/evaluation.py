@@ -26,7 +26,8 @@ def score(problem, response: str, n_tokens: int, benchmark=None, official: bool 
     answer = parsed.answer
     if answer is None and official and isinstance(response, str):
         answer = bench.find_answer(response, problem)
-    return {"id": problem.id, "category": problem.category, "question_type": problem.question_type,
+    return {"id": problem.id, "benchmark": bench.name, "prompt_style": "official" if official else "plain",
+            "category": problem.category, "question_type": problem.question_type,
             "answer": problem.answer, "extracted": answer, "correct": bench.correct(answer, problem),
             "format_ok": parsed.format_ok, "length": n_tokens, "waits": grader.count_wait(response),
             **problem.meta, "response": response}

@@ -672,6 +672,8 @@ def test_dynamath_through_a_server_resumes(tmp_path):
         assert server.counts["default"] == 8                               # resumed: only seed 477 asked
     assert user_text(server.requests[0]["body"]).strip().startswith("## Question\n")        # the official prompt
     assert s["n"] == 6 and s["metrics"]["complete_seeds"] == 3 and s["accuracy"] == 4 / 6
+    with pytest.raises(SystemExit, match="holds predictions made for .*'official'.* not dynamath with --prompt_style plain"):
+        evaluate.main(evaluate.Args(api_base="http://127.0.0.1:9", **{**args, "prompt_style": "plain"}))
     # variant 2 differs from variant 1 for seeds 1 and 21: 6 of 8 right, 2 of 4 seeds right in both
     assert again["n"] == 8 and again["metrics"]["average_case"] == 6 / 8 and again["metrics"]["worst_case"] == 0.5
 

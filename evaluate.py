@@ -233,7 +233,7 @@ def main(args: Args) -> dict | None:
                         "prompt_style": args.prompt_style, "temperature": args.temperature, "top_p": args.top_p,
                         "max_new_tokens": args.max_new_tokens})
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        print0(evaluation.format_summary(summary, title=f"{bench.title} ({args.model or args.api_model or args.predictions}): "))
+        print0(evaluation.format_summary(summary, title=f"{bench.title} ({args.model or args.api_model or report.path}): "))
         summaries[bench.name] = summary
 
     if not main_process:

@@ -7,7 +7,6 @@ copied from the releases, the others are made up to cover every answer type and 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,8 +16,8 @@ from accelerate.state import AcceleratorState
 from PIL import Image
 
 import evaluate
-from minivr1 import benchmarks, data, evaluation
-from minivr1.benchmarks import BENCHMARKS, DynaMath, MathVerse, boxed_all, letters
+from minivr1 import benchmarks, evaluation
+from minivr1.benchmarks import BENCHMARKS, MathVerse, boxed_all, letters
 from minivr1.data import DataError, Problem
 
 MV, DM, MM, VISTA = (BENCHMARKS[n] for n in ("mathverse", "dynamath", "mmmath", "mathvista"))

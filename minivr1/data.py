@@ -72,6 +72,14 @@ always raise.
         (B) 4
         (C) 5
 
+    In a predictions file VLMEvalKit's `prediction` column stands for `response`. The three other
+    benchmarks of the paper (MathVerse, MM-Math, DynaMath) have readers in minivr1.benchmarks,
+    built on `read_records`, the loop every reader here shares.
+
+Besides .jsonl, .json and .parquet, problem files may be .tsv tables (a header row; VLMEvalKit's
+layout), located by line number. With `with_images=False` (scoring predictions) no image field
+is read at all: nothing is opened, so the images need not be there.
+
 `read_problems` picks (b) or (c) from the first record's keys. Images are only opened far
 enough to read their size (a header read); `ImageRef.load` decodes them when the batch needs
 them. Image paths must stay inside the image root: "../", absolute paths elsewhere and
@@ -84,6 +92,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import csv
 import io
 import json
 import math
@@ -199,6 +208,7 @@ class Problem:
     unit: str | None = None
     category: str | None = None  # MathVista metadata.category (else .task), or the toy task's kind
     response: str | None = None  # the model's output, when reading a predictions file
+    meta: dict = field(default_factory=dict)  # benchmark fields the metrics group by (minivr1.benchmarks)
 
     def grading_meta(self) -> dict:
         """What the grader needs besides the two answers."""
@@ -334,6 +344,11 @@ def _iter_records(path: Path) -> Iterator[tuple[_Loc, dict | DataError]]:
                 f"{file}: expected a JSON list of records or a dict of records keyed by id. "
                 "Convert the file to one of these layouts (or to .jsonl)."
             )
+    elif suffix == ".tsv":  # VLMEvalKit-style tables: a header row, tab-separated, cells as strings
+        csv.field_size_limit(2**31 - 1)  # cells may hold base64 images
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            for index, record in enumerate(csv.DictReader(f, delimiter="\t")):
+                yield _Loc(file, f"line {index + 2}", index), record
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -346,7 +361,7 @@ def _iter_records(path: Path) -> Iterator[tuple[_Loc, dict | DataError]]:
         except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
             raise _bad_parquet(path, e) from e
     else:
-        raise DataError(f"{file}: unsupported file type '{path.suffix}'. Use .jsonl, .json or .parquet.")
+        raise DataError(f"{file}: unsupported file type '{path.suffix}'. Use .jsonl, .json, .parquet or .tsv.")
 
 
 def _bad_parquet(path: Path, e: Exception) -> DataError:
@@ -473,8 +488,11 @@ def _path_ref(path: Any, name: str, loc: _Loc, root: Path, max_pixels: int) -> I
     return ImageRef(path=full, max_pixels=max_pixels)
 
 
-def _images(rec: dict, loc: _Loc, root: Path, max_pixels: int, keys: tuple) -> list[ImageRef]:
-    """Read the first present image field of `keys`; a list field holds several images."""
+def _images(rec: dict, loc: _Loc, root: Path | None, max_pixels: int, keys: tuple) -> list[ImageRef]:
+    """Read the first present image field of `keys`; a list field holds several images.
+    `root` None: images are not wanted (scoring predictions), so none are read or checked."""
+    if root is None:
+        return []
     for key in keys:
         value = rec.get(key)
         if value is None:
@@ -547,9 +565,9 @@ def _parse_problem(rec: dict, loc: _Loc, root: Path, max_pixels: int, stem: str,
     question = _text(rec, text_key, loc)
     answer = _text(rec, "answer", loc, numbers_ok=True)
     images = _images(rec, loc, root, max_pixels, image_keys)
-    if not images:
+    if not images and root is not None:
         raise loc.error(image_keys[-1], "no image", f"Add '{image_keys[0]}' or '{image_keys[1]}'")
-    if not benchmark:
+    if not benchmark and root is not None:
         image_key = next(k for k in image_keys if rec.get(k) is not None)
         _check_placeholders([question], len(images), image_key, loc)
 
@@ -578,26 +596,36 @@ def _parse_problem(rec: dict, loc: _Loc, root: Path, max_pixels: int, stem: str,
         precision=_precision(rec, loc),
         unit=_text(rec, "unit", loc, required=False) or None,
         category=str(category) if category else None,
-        response=_text(rec, "response", loc, required=False),
+        response=_response(rec, loc),
     )
+
+
+def _response(rec: dict, loc: _Loc) -> str | None:
+    """A predictions file's model output: `response`, or VLMEvalKit's `prediction` column."""
+    return _text(rec, "response" if "response" in rec else "prediction", loc, required=False)
 
 
 # ----------------------------------------------------------------------------------------------
 # Readers
 
 
-def _read(path, image_root, skip_bad: bool, max_image_pixels: int, parse: Callable, id_field: str):
-    """Shared loop: parse each record, enforce unique ids, skip or raise, count everything."""
+def read_records(path, image_root, skip_bad: bool, max_image_pixels: int, parse: Callable, id_field: str,
+                 with_images: bool = True):
+    """The shared loop of every reader (minivr1.benchmarks' too): parse each record with
+    `parse(record, loc, root, max_image_pixels, file_stem)`, enforce unique ids, skip or raise, count
+    everything. Without `with_images` the parser gets root None and no image is read or checked."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file. Check the path.")
-    root = Path(image_root) if image_root is not None else path.parent
-    if not root.is_dir():
-        raise DataError(
-            f"{root}: the image root is not a folder. "
-            "Pass the folder the image paths are relative to (--image_root)."
-        )
-    root = root.resolve()
+    root = None
+    if with_images:
+        root = Path(image_root) if image_root is not None else path.parent
+        if not root.is_dir():
+            raise DataError(
+                f"{root}: the image root is not a folder. "
+                "Pass the folder the image paths are relative to (--image_root)."
+            )
+        root = root.resolve()
     report = ReadReport(path=str(path))
     items, first_seen = [], {}
     for loc, record in _iter_records(path):
@@ -631,29 +659,29 @@ def read_sft(
     path, image_root=None, *, skip_bad=False, max_image_pixels=DEFAULT_MAX_PIXELS
 ) -> tuple[list[Conversation], ReadReport]:
     """Read cold-start SFT conversations (format (a) of the module docstring)."""
-    return _read(path, image_root, skip_bad, max_image_pixels, _parse_sft, "id")
+    return read_records(path, image_root, skip_bad, max_image_pixels, _parse_sft, "id")
 
 
 def read_rl(
-    path, image_root=None, *, skip_bad=False, max_image_pixels=DEFAULT_MAX_PIXELS
+    path, image_root=None, *, skip_bad=False, max_image_pixels=DEFAULT_MAX_PIXELS, with_images=True
 ) -> tuple[list[Problem], ReadReport]:
     """Read RL problems in the Vision-R1-rl / geometry3k layout (format (b))."""
 
     def parse(rec, loc, root, max_pixels, stem):
         return _parse_problem(rec, loc, root, max_pixels, stem, benchmark=False)
 
-    return _read(path, image_root, skip_bad, max_image_pixels, parse, "id")
+    return read_records(path, image_root, skip_bad, max_image_pixels, parse, "id", with_images)
 
 
 def read_benchmark(
-    path, image_root=None, *, skip_bad=False, max_image_pixels=DEFAULT_MAX_PIXELS
+    path, image_root=None, *, skip_bad=False, max_image_pixels=DEFAULT_MAX_PIXELS, with_images=True
 ) -> tuple[list[Problem], ReadReport]:
     """Read MathVista-style benchmark problems or predictions (format (c))."""
 
     def parse(rec, loc, root, max_pixels, stem):
         return _parse_problem(rec, loc, root, max_pixels, stem, benchmark=True)
 
-    return _read(path, image_root, skip_bad, max_image_pixels, parse, "pid")
+    return read_records(path, image_root, skip_bad, max_image_pixels, parse, "pid", with_images)
 
 
 def read_problems(path, image_root=None, **kw) -> tuple[list[Problem], ReadReport]:
@@ -662,18 +690,7 @@ def read_problems(path, image_root=None, **kw) -> tuple[list[Problem], ReadRepor
     "question" -> (c); else "problem" -> (b); else "pid" -> (c) (which then names what is missing).
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file. Check the path.")
-    if path.suffix.lower() == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            keys = set(pq.read_schema(path).names)
-        except (OSError, ValueError) as e:
-            raise _bad_parquet(path, e) from e
-    else:
-        first = next((r for _, r in _iter_records(path) if isinstance(r, dict)), {})
-        keys = set(first)
+    keys = first_keys(path)
     if "question" in keys:
         return read_benchmark(path, image_root, **kw)
     if "problem" in keys:
@@ -686,6 +703,21 @@ def read_problems(path, image_root=None, **kw) -> tuple[list[Problem], ReadRepor
         f"{path}: cannot tell the format from the first record's fields {sorted(keys)}. "
         "Problems need 'problem' (RL layout) or 'pid'/'question' (MathVista layout)."
     )
+
+
+def first_keys(path) -> set[str]:
+    """The field names of a file's first record (of its schema, for parquet): how readers tell formats apart."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file. Check the path.")
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return set(pq.read_schema(path).names)
+        except (OSError, ValueError) as e:
+            raise _bad_parquet(path, e) from e
+    return set(next((r for _, r in _iter_records(path) if isinstance(r, dict)), {}))
 
 
 # ----------------------------------------------------------------------------- resumable outputs

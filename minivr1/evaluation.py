@@ -3,23 +3,34 @@
 `score` turns one (problem, response) pair into a per-sample record; `summarize` turns the
 records into the run's summary, including accuracy by reasoning-length bucket: the paper's
 evidence that long reasoning is not better reasoning ("overthinking", Vision-R1 Sec. 3.2).
+What is benchmark-specific (how an answer is found and judged, each benchmark's own metrics)
+comes from minivr1.benchmarks; MathVista is the default.
 """
 from __future__ import annotations
 
 import statistics
 from collections import defaultdict
 
-from minivr1 import grader
+from minivr1 import benchmarks, grader
 
 
-def score(problem, response: str, n_tokens: int) -> dict:
-    """The per-sample record written to predictions.jsonl."""
+def score(problem, response: str, n_tokens: int, benchmark=None, official: bool = False) -> dict:
+    """The per-sample record written to predictions.jsonl.
+
+    The answer is the last <answer> block (minivr1.grader); with `official` (the official prompt,
+    which asks for no tags) a response without one is searched the benchmark's own way instead.
+    The problem's benchmark fields (problem_version, seed, ...) go into the record for the metrics.
+    """
+    bench = benchmark or benchmarks.BENCHMARKS["mathvista"]
     parsed = grader.parse_response(response)
-    correct = grader.is_equivalent(parsed.answer, problem.answer, **problem.grading_meta())
-    return {"id": problem.id, "category": problem.category, "question_type": problem.question_type,
-            "answer": problem.answer, "extracted": parsed.answer, "correct": bool(correct),
+    answer = parsed.answer
+    if answer is None and official and isinstance(response, str):
+        answer = bench.find_answer(response, problem)
+    return {"id": problem.id, "benchmark": bench.name, "prompt_style": "official" if official else "plain",
+            "category": problem.category, "question_type": problem.question_type,
+            "answer": problem.answer, "extracted": answer, "correct": bench.correct(answer, problem),
             "format_ok": parsed.format_ok, "length": n_tokens, "waits": grader.count_wait(response),
-            "response": response}
+            **problem.meta, "response": response}
 
 
 def _rate(records, key) -> float | None:
@@ -39,8 +50,9 @@ def length_buckets(records: list[dict], n_buckets: int = 4) -> list[dict]:
     return out
 
 
-def summarize(records: list[dict], length_unit: str = "tokens") -> dict:
-    """Accuracy overall and per category / question type, format rate, length statistics."""
+def summarize(records: list[dict], length_unit: str = "tokens", benchmark=None) -> dict:
+    """Accuracy overall and per category / question type, format rate, length statistics; then the
+    benchmark's own metrics under "metrics" and its paper number as "score"."""
     if not records:
         raise ValueError("no records to summarise")
     lengths = [r["length"] for r in records]
@@ -48,7 +60,7 @@ def summarize(records: list[dict], length_unit: str = "tokens") -> dict:
     for r in records:
         for key, g in groups.items():
             g[str(r.get(key))].append(r)
-    return {
+    summary = {
         "n": len(records),
         "accuracy": _rate(records, "correct"),
         "format_rate": _rate(records, "format_ok"),
@@ -62,6 +74,10 @@ def summarize(records: list[dict], length_unit: str = "tokens") -> dict:
                               for k, v in sorted(groups["question_type"].items())},
         "accuracy_by_length": length_buckets(records),
     }
+    bench = benchmark or benchmarks.BENCHMARKS["mathvista"]
+    summary.update(benchmark=bench.name, metrics=bench.metrics(records))
+    summary.update(score=bench.score(summary), score_name=bench.score_name)
+    return summary
 
 
 def format_summary(summary: dict, title: str = "") -> str:
@@ -71,9 +87,20 @@ def format_summary(summary: dict, title: str = "") -> str:
              f"'Wait' per answer {summary['mean_waits']:.2f}"]
     for k, v in summary["per_category"].items():
         lines.append(f"  {k:<24} {v['accuracy']:.1%}  (n={v['n']})")
+    metrics = summary.get("metrics") or {}
+    headline = [f"{k} {_pct(v)}" for k, v in metrics.items() if isinstance(v, float) or v is None]
+    if headline:
+        lines.append("  " + "  ".join(headline))
+    counts = [f"{k} {v}" for k, v in metrics.items() if isinstance(v, int) and not isinstance(v, bool)]
+    if counts:
+        lines.append("  " + ", ".join(counts))
     lines.append("  accuracy by length: " + ", ".join(
         f"{b['min_length']}-{b['max_length']}: {b['accuracy']:.0%}" for b in summary["accuracy_by_length"]))
     return "\n".join(lines)
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{value:.1%}"
 
 
 def comparison_table(summaries: dict[str, dict]) -> str:

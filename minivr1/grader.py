@@ -306,6 +306,13 @@ def _to_math(s: str, deadline: float):
         return None
 
 
+def parse_math(text: str, deadline: float | None = None):
+    """Answer text -> a sympy expression built by the safe parser above, or None when it is not
+    bounded math. The one door minivr1.benchmarks uses, so its scorers share these limits;
+    `deadline` (time.monotonic() seconds) defaults to BUDGET_S from now."""
+    return _to_math(text, time.monotonic() + BUDGET_S if deadline is None else deadline)
+
+
 def _value(e):
     """A constant expression's value: exact Fraction when rational, else a complex float."""
     if e.is_Rational:

@@ -422,3 +422,33 @@ def test_missing_file_bad_suffix_and_bad_root(tmp_path):
         read_rl(write_lines(tmp_path / "d.csv", [rl_record()]))
     with pytest.raises(DataError, match="image root is not a folder"):
         read_rl(write_lines(tmp_path / "d.jsonl", [rl_record()]), image_root=tmp_path / "nope")
+
+
+# ------------------------------------------------------------------------------------------------
+# scoring predictions: no images, VLMEvalKit's `prediction`, TSV tables
+
+
+def test_without_images_no_image_is_read_or_needed(tmp_path, monkeypatch):
+    def never(*a, **kw):
+        raise AssertionError("an image was opened")
+
+    monkeypatch.setattr(Image, "open", never)
+    path = write_lines(tmp_path / "preds.jsonl", [bench_record(image="missing/1.png", response="r"),
+                                                  bench_record(pid="2", image=None, response="s")])
+    problems, report = read_problems(path, image_root=tmp_path / "no-such-root", with_images=False)
+    assert [(p.id, p.images, p.response) for p in problems] == [("1", [], "r"), ("2", [], "s")]
+    rl = write_lines(tmp_path / "rl.jsonl", [rl_record(images=["gone.png"], problem="<image><image>x")])
+    assert read_problems(rl, with_images=False)[0][0].images == []       # placeholder count not checked either
+    with pytest.raises(DataError, match="field 'image'"):               # with images: still checked
+        read_problems(path)
+
+
+def test_prediction_column_and_tsv_table(tmp_path):
+    path = write_lines(tmp_path / "vlmeval.jsonl", [bench_record(prediction="B")])
+    assert read_problems(path, with_images=False)[0][0].response == "B"
+    tsv = tmp_path / "vlmeval.tsv"
+    tsv.write_text("pid\tquestion\tanswer\tprediction\n7\tHow many?\t3\tthree\n8\tAnd now?\t\t4\n")
+    with pytest.raises(DataError, match=r"vlmeval\.tsv:line 3: field 'answer': empty"):
+        read_benchmark(tsv, with_images=False)                           # header is line 1
+    problems, report = read_benchmark(tsv, with_images=False, skip_bad=True)
+    assert [(p.id, p.answer, p.response) for p in problems] == [("7", "3", "three")] and report.read == 2

@@ -271,3 +271,13 @@ def test_every_reward_takes_the_trainers_arguments(name):
     value = grader.REWARDS[name]("<think>x</think><answer>3</answer>", "3", choices=None, answer_type="integer",
                                  precision=None)
     assert value == 1.0
+
+
+def test_parse_math_is_the_bounded_parser_for_the_benchmarks():
+    import sympy
+
+    assert grader.parse_math("\\frac{\\sqrt{12}}{2}") == sympy.sqrt(3)
+    assert grader.parse_math("2x + 1") == 2 * sympy.Symbol("x") + 1
+    for rejected in ("9^9^9", "__import__('os')", "1" * 300, "\\sin 30"):
+        assert grader.parse_math(rejected) is None
+    assert grader.parse_math("1+1", deadline=time.monotonic() - 1) is None   # past its deadline: not evaluated

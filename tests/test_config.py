@@ -1,4 +1,4 @@
-"""Tests for minivr1.config: dataclass -> argparse, YAML presets, saving the arguments."""
+"""Tests for minivr1.config: dataclass -> HfArgumentParser, YAML presets, saving the arguments."""
 
 from __future__ import annotations
 
@@ -46,21 +46,22 @@ def test_defaults():
 def test_flags_of_every_type():
     args = parse_args(
         Args,
-        "--model m --lr 2e-5 --steps 3 --no-use_lora --bf16 --max_samples 7 --run_name r "
-        "--report_to tensorboard,wandb --lora_targets a b,c --loss dapo --precision bf16 --ranks 4,8".split(),
+        "--model m --lr 2e-5 --steps 3 --no_use_lora --bf16 --max_samples 7 --run_name r "
+        "--report_to tensorboard wandb --lora_targets a b c --loss dapo --precision bf16 --ranks 4 8".split(),
     )
     assert args == Args(
         model="m", lr=2e-5, steps=3, use_lora=False, bf16=True, max_samples=7, run_name="r",
         report_to=["tensorboard", "wandb"], lora_targets=["a", "b", "c"], loss="dapo", precision="bf16", ranks=[4, 8],
     )  # fmt: skip
     assert isinstance(args.lr, float) and isinstance(args.steps, int)
-    assert parse_args(Args, ["--max_samples", "none"]).max_samples is None
+    assert parse_args(Args, ["--run_name", "none"]).run_name is None
+    assert parse_args(Args, ["--use_lora", "false"]).use_lora is False
 
 
 @pytest.mark.parametrize(
     "argv",
     [["--steps", "1.5"], ["--loss", "ppo"], ["--precision", "fp8"], ["--report_to", "mlflow"], ["--nope", "1"],
-     ["--ranks", "4,x"]],
+     ["--ranks", "4", "x"]],
 )
 def test_bad_flags_exit(argv, capsys):
     with pytest.raises(SystemExit):
@@ -72,7 +73,7 @@ def test_help_shows_description_defaults_and_help(capsys):
         parse_args(Args, ["--help"], description=DOC)
     out = capsys.readouterr().out
     assert "Usage:\n    python pretend.py --lr 2e-5" in out  # docstring kept verbatim
-    assert "--use_lora, --no-use_lora" in out
+    assert "--no_use_lora" in out
     assert "learning rate (100% of the peak) (default: 1e-05)" in out
     assert "--config" in out
 
@@ -82,17 +83,8 @@ def test_every_field_needs_help():
     class Undocumented:
         lr: float = 1e-5
 
-    with pytest.raises(ValueError, match=r"Undocumented\.lr has no help"):
+    with pytest.raises(TypeError, match=r"Undocumented\.lr has no help"):
         make_parser(Undocumented)
-
-
-def test_unsupported_type_raises():
-    @dataclass
-    class Weird:
-        x: dict = field(default_factory=dict, metadata={"help": "x"})
-
-    with pytest.raises(TypeError, match="Weird.x"):
-        make_parser(Weird)
 
 
 def test_required_field_and_yaml_can_supply_it(tmp_path):
@@ -159,12 +151,13 @@ def test_yaml_bad_value_names_key(tmp_path, yaml_text, key):
 def test_yaml_not_a_mapping(tmp_path):
     cfg = tmp_path / "preset.yaml"
     cfg.write_text("- lr\n- steps\n")
-    with pytest.raises(TypeError, match="mapping"):
+    with pytest.raises(ValueError, match="mapping"):
         parse_args(Args, ["--config", str(cfg)])
 
 
 def test_save_load_roundtrip(tmp_path):
     args = parse_args(Args, ["--lr", "3e-6", "--report_to", "wandb", "--max_samples", "4"])
+    assert args.max_samples == 4
     save_args(args, tmp_path / "run" / "args.json")
     assert load_args(Args, tmp_path / "run" / "args.json") == args
     (tmp_path / "bad.json").write_text('{"lr": 0.1, "old_flag": 1}')

@@ -64,8 +64,10 @@ def test_script_help_documents_every_args_field(helps, script):
     for f in fields:
         assert re.search(rf"--{f.name}\b", out), f"{script} --help does not mention --{f.name}"
         assert _squash(f.metadata["help"]) in flat, f"{script} --help lacks the help text of --{f.name}"
-        if types[f.name] is bool:
-            assert f"--no-{f.name}" in out, f"{script}: bool field {f.name} has no --no-{f.name}"
+        if types[f.name] is bool:                    # --flag, --flag false, and --no_flag where on by default
+            assert re.search(rf"--{f.name} \[\w+\]", out), f"{script}: bool field {f.name} takes no true/false"
+            if f.default is True:
+                assert f"--no_{f.name}" in out, f"{script}: bool field {f.name} has no --no_{f.name}"
     # the module docstring is the manual: --help starts with it (its first line, at least)
     first_line = sys.modules[script.removesuffix(".py")].__doc__.strip().splitlines()[0]
     assert first_line in out

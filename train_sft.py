@@ -28,13 +28,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from minivr1 import checkpoint, config, data, models, training
+from minivr1 import checkpoint, cli, data, distributed, models, training
 from minivr1.chat import SFTCollator
+from minivr1.config import arg, save_args
 from minivr1.data import DEFAULT_MAX_PIXELS
 from minivr1.policy import TokenLogprobs
 from minivr1.tracking import Tracker, format_metrics, print0, progress_bar
@@ -42,46 +43,49 @@ from minivr1.tracking import Tracker, format_metrics, print0, progress_bar
 
 @dataclass
 class Args:
-    model: str = field(default="runs/toy/base", metadata={"help": "hub id or local dir of the starting model"})
-    data: str = field(default="runs/toy/data/cold_start.json", metadata={"help": "cold-start SFT data (sharegpt JSON/JSONL)"})
-    image_root: str | None = field(default=None, metadata={"help": "directory image paths are relative to (default: the data file's directory)"})
-    output_dir: str = field(default="runs/toy/sft", metadata={"help": "run directory: checkpoints, metrics.jsonl, final/"})
-    mode: str = field(default="full", metadata={"help": "full fine-tuning, LoRA, or 4-bit QLoRA", "choices": ["full", "lora", "qlora"]})
-    learning_rate: float = field(default=5e-6, metadata={"help": "peak learning rate (paper: 5e-6 full fine-tuning)"})
-    num_train_epochs: float = field(default=2.0, metadata={"help": "passes over the data (paper: 2); ignored if max_steps > 0"})
-    max_steps: int = field(default=0, metadata={"help": "optimizer steps to run; 0 = derive from num_train_epochs"})
-    per_device_batch_size: int = field(default=1, metadata={"help": "conversations per micro-batch on each process"})
-    gradient_accumulation_steps: int = field(default=8, metadata={"help": "micro-batches per optimizer step; global batch (conversations) = per_device_batch_size x processes x this (paper: 32)"})
-    warmup_ratio: float = field(default=0.05, metadata={"help": "fraction of steps with linear warmup before cosine decay (paper: 0.05)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    optim: str = field(default="adamw", metadata={"help": "optimizer", "choices": ["adamw", "adamw_8bit"]})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
-    max_length: int = field(default=16384, metadata={"help": "tokens per conversation; longer ones are cut from the right, never into the prompt (paper: 16384)"})
-    max_pixels: int | None = field(default=None, metadata={"help": "cap on pixels per image for the processor (bounds image tokens); default: the processor's"})
-    dtype: str = field(default="auto", metadata={"help": "weight dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward to save memory"})
-    freeze_vision: bool = field(default=True, metadata={"help": "keep the vision tower frozen (the paper's SFT)"})
-    lora_r: int = field(default=64, metadata={"help": "LoRA rank (lora/qlora)"})
-    lora_alpha: int = field(default=128, metadata={"help": "LoRA alpha (lora/qlora)"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (lora/qlora)"})
-    logprob_chunk_size: int = field(default=512, metadata={"help": "label tokens per LM-head chunk: working memory ~4 x chunk x vocab x 4 bytes (1.3 GB at 512 with Qwen's vocabulary)"})
-    save_steps: int = field(default=200, metadata={"help": "checkpoint every N optimizer steps (0 = only at the end)"})
-    keep_last: int = field(default=2, metadata={"help": "checkpoints to keep"})
-    resume: str | None = field(default="auto", metadata={"help": "'auto' resumes from output_dir's latest checkpoint if any; a path resumes from it; none starts fresh"})
-    logging_steps: int = field(default=10, metadata={"help": "log metrics every N optimizer steps"})
-    report_to: str = field(default="none", metadata={"help": "extra trackers: none, tensorboard, wandb (comma-separated); metrics.jsonl is always written"})
-    seed: int = field(default=0, metadata={"help": "random seed (data order, LoRA init)"})
-    skip_bad_records: bool = field(default=False, metadata={"help": "skip malformed records (counted and reported) instead of stopping"})
-    max_image_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={"help": "reject images larger than this many pixels"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "allow custom model code from the checkpoint (off: only transformers' own classes)"})
+    # ---- model and data
+    model: str = arg("runs/toy/base", "starting model: hub id or local dir")
+    data: str = arg("runs/toy/data/cold_start.json", "cold-start SFT data (sharegpt JSON/JSONL)")
+    image_root: str | None = arg(None, "folder image paths are relative to (default: the data file's folder)")
+    output_dir: str = arg("runs/toy/sft", "run folder: checkpoints, metrics.jsonl, final/")
+    mode: str = arg("full", "full fine-tuning, LoRA, or 4-bit QLoRA", choices=["full", "lora", "qlora"])
+    dtype: str = arg("auto", "weight dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
+    freeze_vision: bool = arg(True, "keep the vision tower frozen (the paper's SFT)")
+    lora_r: int = arg(64, "LoRA rank (lora/qlora)")
+    lora_alpha: int = arg(128, "LoRA alpha (lora/qlora)")
+    lora_dropout: float = arg(0.05, "LoRA dropout (lora/qlora)")
+    max_length: int = arg(16384, "tokens per conversation; longer ones are cut from the right, never into the prompt (paper: 16384)")
+    max_pixels: int | None = arg(None, "cap on pixels per image for the processor (bounds image tokens); default: the processor's")
+    max_image_pixels: int = arg(DEFAULT_MAX_PIXELS, "reject images larger than this many pixels")
+    skip_bad_records: bool = arg(False, "skip malformed records (counted and reported) instead of stopping")
+    trust_remote_code: bool = arg(False, "allow custom model code from the checkpoint (off: only transformers' own classes)")
+    # ---- optimisation (paper: lr 5e-6, 2 epochs, global batch 32, 5% warmup, cosine)
+    learning_rate: float = arg(5e-6, "peak learning rate (paper: 5e-6, full fine-tuning)")
+    num_train_epochs: float = arg(2.0, "passes over the data (paper: 2); ignored if max_steps > 0")
+    max_steps: int = arg(0, "optimizer steps to run; 0 = derive from num_train_epochs")
+    per_device_batch_size: int = arg(1, "conversations per micro-batch on each process")
+    gradient_accumulation_steps: int = arg(8, "micro-batches per optimizer step; global batch = per_device_batch_size x processes x this (paper: 32)")
+    warmup_ratio: float = arg(0.05, "fraction of steps with linear warmup before cosine decay (paper: 0.05)")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    optim: str = arg("adamw", "optimizer", choices=["adamw", "adamw_8bit"])
+    max_grad_norm: float = arg(1.0, "gradient clipping norm (0 = off)")
+    gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
+    logprob_chunk_size: int = arg(512, "label tokens per LM-head chunk (working memory ~ chunk x vocab x 4 bytes x 4)")
+    # ---- the run
+    save_steps: int = arg(200, "checkpoint every N optimizer steps (0 = only at the end)")
+    keep_last: int = arg(2, "checkpoints to keep")
+    resume: str | None = arg("auto", "'auto': from output_dir's latest checkpoint if any; a path; or none")
+    logging_steps: int = arg(10, "log metrics every N optimizer steps")
+    report_to: str = arg("none", "extra trackers: none, tensorboard, wandb (comma-separated); metrics.jsonl is always written")
+    seed: int = arg(0, "random seed (data order, LoRA init)")
 
 
 def main(args: Args) -> Path:
-    accelerator = training.make_accelerator(args.gradient_accumulation_steps)
+    accelerator = distributed.make_accelerator(args.gradient_accumulation_steps)
     torch.manual_seed(args.seed)
     out = Path(args.output_dir)
 
-    # ---- data ----
+    # ---- data
     convs, report = data.read_sft(args.data, args.image_root, skip_bad=args.skip_bad_records,
                                   max_image_pixels=args.max_image_pixels)
     print0(report.summary())
@@ -93,9 +97,10 @@ def main(args: Args) -> Path:
     steps_per_epoch = len(convs) // global_batch
     total_steps = args.max_steps or math.ceil(args.num_train_epochs * steps_per_epoch)
     if total_steps <= 0:
-        raise ValueError(f"{len(convs)} conversations make no full global batch of {global_batch}")
+        raise cli.UserError(f"{len(convs)} conversations make no full global batch of {global_batch} "
+                            f"(= {micro} x {world} processes x {accum} accumulation): lower the batch size")
 
-    # ---- model, optimizer, schedule ----
+    # ---- model, optimizer, schedule
     model = models.load_policy(args.model, args.mode, args.dtype, args.gradient_checkpointing, args.freeze_vision,
                                args.lora_r, args.lora_alpha, args.lora_dropout,
                                trust_remote_code=args.trust_remote_code)
@@ -107,17 +112,16 @@ def main(args: Args) -> Path:
     # Each micro-batch's loss is divided by the global label-token count; the backends average gradients
     # over processes and divide by `accum`: this factor undoes both, so the gradient is exactly that of
     # the global token mean.
-    scale = training.global_loss_scale(accelerator)
+    loss_scale = distributed.global_loss_scale(accelerator)
 
     step = training.resume_step(accelerator, out, args.resume)
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        config.save_args(args, out / "args.json")
+        save_args(args, out / "args.json")
     tracker = Tracker(out, args.report_to, dataclasses.asdict(args), accelerator.is_main_process)
     print0(f"SFT: {len(convs)} conversations, global batch {global_batch} = {micro} x {world} processes x {accum} "
            f"accumulation, {total_steps} steps ({steps_per_epoch} per epoch)")
 
-    # ---- loop: one optimizer step = `accum` micro-batches on every process ----
+    # ---- loop: one optimizer step = `accum` micro-batches on every process
     stop = training.StopRequested()
     bar = progress_bar(total=total_steps, initial=step, desc="sft", disable=not accelerator.is_main_process)
     policy.train()
@@ -127,7 +131,7 @@ def main(args: Args) -> Path:
         micro_batches = [collate([convs[i] for i in idx[k * micro:(k + 1) * micro]]) for k in range(accum)]
         # The loss is a mean over the label tokens of the whole global batch: count them first.
         n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
-        n_global = accelerator.reduce(torch.tensor(n_local, device=accelerator.device), "sum").item()
+        n_global = distributed.global_sums(accelerator, {"tokens": n_local})["tokens"]
         loss_sum = 0.0
         for b in micro_batches:
             with accelerator.accumulate(policy):
@@ -137,20 +141,17 @@ def main(args: Args) -> Path:
                 logp = policy(b["input_ids"], b["attention_mask"], score, b.get("pixel_values"), b.get("image_grid_thw"),
                               b.get("mm_token_type_ids"))
                 loss = -logp.sum() / n_global
+                training.check_finite("loss", loss.detach(), step + 1, out)
                 loss_sum += loss.item()
-                accelerator.backward(loss * scale)
-                if accelerator.sync_gradients:
-                    grad_norm = training.clip_gradients(accelerator, policy, args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        training.check_finite("loss", loss_sum, step + 1)
+                accelerator.backward(loss * loss_scale)
+                grad_norm = training.optimizer_step(accelerator, policy, optimizer, args.max_grad_norm, step + 1, out)
         scheduler.step()
         step += 1
         tokens_seen += n_global
         bar.update(1)
 
         if step % args.logging_steps == 0 or step == total_steps:
-            loss_avg = accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "sum").item()
+            loss_avg = distributed.global_sums(accelerator, {"loss": loss_sum})["loss"]
             metrics = {"loss": loss_avg, "lr": scheduler.get_last_lr()[0], "epoch": step / max(1, steps_per_epoch),
                        "grad_norm": float("nan") if grad_norm is None else grad_norm,
                        "label_tokens_per_s": tokens_seen / (time.time() - t0)}
@@ -158,30 +159,24 @@ def main(args: Args) -> Path:
             bar.set_postfix(loss=f"{loss_avg:.3f}")
             if not bar.disable:
                 bar.write(format_metrics({"step": step, **metrics}))
-        stop_now = accelerator.reduce(torch.tensor(int(stop.requested), device=accelerator.device), "max").item()
+        stop_now = distributed.any_process(accelerator, stop.requested)
         if (args.save_steps and step % args.save_steps == 0) or stop_now:
             checkpoint.save_checkpoint(accelerator, out, step, {"step": step}, policy, args.keep_last)
         if stop_now:
             print0(f"stopped at step {step}; rerun the same command to resume")
-            bar.close()
-            stop.restore()
-            tracker.close()
-            return out
+            break
     bar.close()
     stop.restore()
     tracker.close()
 
-    # ---- final save: an ordinary HF directory (full weights or the LoRA adapter) ----
-    final = out / "final"
-    training.save_final(accelerator, policy, processor, final, args.model)
-    # Free the DDP model and optimizer before the process group goes: with gloo, tearing it down
-    # with them alive aborts at exit in a fraction of runs (cpu-stack.md). free_memory() drops
-    # accelerate's own references to them and runs gc.collect().
+    # ---- final save: an ordinary HF directory (full weights or the LoRA adapter); the same teardown either way
+    finished = step >= total_steps
+    if finished:
+        training.save_final(accelerator, policy, processor, out / "final", args.model)
     del policy, optimizer
-    accelerator.free_memory()
-    accelerator.end_training()
-    return final
+    distributed.shutdown(accelerator)
+    return out / "final" if finished else out
 
 
 if __name__ == "__main__":
-    main(config.parse_args(Args, description=__doc__))
+    cli.run(main, Args, __doc__)

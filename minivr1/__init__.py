@@ -1,14 +1,31 @@
 """minivr1: a small, readable reimplementation of Vision-R1 (arXiv 2503.06749).
 
-Modules, one concern each:
-    tiny        builds tiny randomly initialised Qwen2.5-VL checkpoints (no model hub)
-    models      loads a policy (full / LoRA / QLoRA / adapter) and its processor
-    data        readers for the Vision-R1-cold, Vision-R1-rl and MathVista-style formats
-    chat        chat messages, the SFT collator (loss on assistant tokens) and prompt batches
-    grader      the <think>/<answer> format, answer extraction and equivalence, rewards
-    toy         the built-in synthetic visual-math task
-    grpo        the GRPO math: advantages, token logprobs, KL, the clipped loss
-    config      dataclass arguments -> argparse/--help, YAML presets
-    checkpoint  atomic, exactly-resumable training checkpoints
-    tracking    metrics file, tensorboard/wandb, rank-0 printing
+Modules, one concern each (the scripts train_sft.py, train_grpo.py, bridge.py and evaluate.py
+are the stages; these are what they call):
+
+  the GRPO algorithm
+    grpo           the GRPO math as pure tensor functions: advantages, k3 KL, chunked token log-probs, the loss
+    stages         PTST stages as data: "LENxG:STEPS,..."
+    rollout        sampling completions; the rollout-engine seam and its reference engine (model.generate)
+    shared_prompt  speed-ups: a group's shared prompt encoded once (rollout engine and log-prob forward)
+    policy         the policy as a module returning token log-probs; completion log-probs; the KL reference
+    grader         the <think>/<answer> format, answer extraction and equivalence, rewards
+  models and data
+    models         loading a policy (full / LoRA / QLoRA / adapter) and its processor; standard saving
+    tiny           tiny randomly initialised checkpoints built with no model hub
+    data           readers for the Vision-R1-cold, Vision-R1-rl and MathVista-style formats
+    chat           chat messages, the SFT collator (loss on assistant tokens) and prompt batches
+    toy            the built-in synthetic visual-math task
+  training runs
+    training       the optimizer and schedule, data order, the optimizer step, stop signals, resume, final save
+    distributed    what differs between one process, DDP, FSDP2 and DeepSpeed ZeRO, in one place
+    checkpoint     atomic, exactly-resumable training checkpoints
+    tracking       metrics file, tensorboard/wandb, rank-0 printing, progress bars
+    config         dataclass arguments through transformers' HfArgumentParser, YAML presets
+    cli            running a script: a user's error ends in one line
+  bridging and evaluation
+    backends       local models and OpenAI-compatible servers behind one `complete` method
+    bridging       modality bridging's prompts, filter rules and report
+    benchmarks     MathVista, MathVerse, MM-Math, DynaMath: readers, prompts, answer rules, metrics
+    evaluation     scoring responses and summarising a run
 """

@@ -66,7 +66,7 @@ def prompt_batch(processor, problems, system_prompt: str | None = None, repeat: 
 
     Each problem is processed once; its rows and its pixel_values block are then repeated in place
     (`select_sequences`), so each sequence's block stays next to its own image_grid_thw rows, in
-    order (pitfall 12). The same tensors as processing the repeated list, without redoing the images.
+    order (docs/pitfalls.md #12). The same tensors as processing the repeated list, without redoing the images.
     Returns the processor's BatchFeature: input_ids, attention_mask, pixel_values, image_grid_thw.
     """
     texts, images, counts = [], [], []
@@ -160,7 +160,7 @@ def select_sequences(batch: dict, idx: list[int], images_per_seq: list[int]) -> 
 
     pixel_values is the concatenation of every image's patches in sequence order and
     image_grid_thw has one row per image, so picking sequences means picking their blocks
-    (pitfall 12: a wrong slice pairs an image with another sequence's tokens).
+    (docs/pitfalls.md #12: a wrong slice pairs an image with another sequence's tokens).
     """
     out = {k: v[idx] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
     if "pixel_values" in batch:
@@ -173,3 +173,9 @@ def select_sequences(batch: dict, idx: list[int], images_per_seq: list[int]) -> 
         out["pixel_values"] = batch["pixel_values"][rows]
         out["image_grid_thw"] = grid[images]
     return out
+
+
+def repeat_images(images: dict, images_per_prompt: list[int], times: list[int]) -> dict:
+    """pixel_values / image_grid_thw with prompt k's image block repeated times[k] times, in order:
+    the images of a batch whose rows repeat each prompt (a GRPO group's G rows share one prompt)."""
+    return select_sequences(images, [k for k, n in enumerate(times) for _ in range(n)], images_per_prompt)

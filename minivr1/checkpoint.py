@@ -72,6 +72,7 @@ def save_checkpoint(
         )
     if model is not None:
         _check_prepared(accelerator, model)
+        _check_finite_weights(accelerator, model, out_dir, step)
     state = {k: v for k, v in state.items() if k != "complete"}
     state["step"] = step
     state["complete"] = True  # last key: a reader of a torn copy never sees it
@@ -106,6 +107,22 @@ def save_checkpoint(
         _prune(root, keep_last, protect=final.name)
     accelerator.wait_for_everyone()  # no rank races ahead and reads `latest` before it is updated
     return final
+
+
+def _check_finite_weights(accelerator, model, out_dir, step: int) -> None:
+    """Never write non-finite weights: a rerun would resume training from garbage. Checks the trainable
+    parameters (each process its own shards under FSDP2 / ZeRO-3) and shares the verdict."""
+    import torch
+
+    bad = 0
+    for p in model.parameters():
+        if p.requires_grad:
+            local = p.to_local() if hasattr(p, "to_local") else getattr(p, "ds_tensor", p)   # FSDP2 / ZeRO-3 shards
+            bad += int(not torch.isfinite(local.detach()).all())
+    if accelerator.reduce(torch.tensor(bad, device=accelerator.device), "sum").item():
+        latest = latest_checkpoint(out_dir)
+        raise FloatingPointError(f"step {step}: the weights are not finite; refusing to save them. "
+                                 + (f"The last checkpoint, {latest}, is intact." if latest else "No checkpoint was saved."))
 
 
 def _check_prepared(accelerator, model) -> None:

@@ -19,7 +19,7 @@ Choices, each made on purpose:
    3% at G=16, i.e. only a learning-rate rescaling. `unbiased=True` reproduces theirs.
 2. Advantage eps = 1e-6 (as verl/EasyR1; TRL uses 1e-4). It only guards a *tiny* nonzero
    std. A zero std (all G rewards equal: no learning signal) gives A = 0 exactly via
-   torch.where, never 0/eps noise or NaN (pitfall 1).
+   torch.where, never 0/eps noise or NaN (docs/pitfalls.md #1).
 3. Log-ratios are clamped to +-20 before exp(), both in the k3 KL and in rho = pi/pi_old (as
    EasyR1), so exp() cannot overflow to inf when the policy drifts far on some token; beyond
    the clamp the gradient is 0 (exp(20) ~ 5e8 is far outside any clip range anyway).
@@ -66,7 +66,7 @@ def group_advantages(rewards: Tensor, G: int, eps: float = 1e-6, unbiased: bool 
 
 
 def zero_variance_fraction(rewards: Tensor, G: int) -> float:
-    """Fraction of groups whose G rewards are all equal (A = 0: no learning signal, pitfall 1).
+    """Fraction of groups whose G rewards are all equal (A = 0: no learning signal; docs/pitfalls.md #1).
 
     rewards: [B*G] group-contiguous. Returns a python float in [0, 1].
     """
@@ -130,10 +130,10 @@ def token_logprobs(
     targets (position t predicts token t+1: the caller does the shift); targets: [N] (or [...])
     token ids. Returns [N] (or [...]) fp32.
 
-    temperature must be the sampling temperature (pitfall 6): the loss must score the
+    temperature must be the sampling temperature (docs/pitfalls.md #6): the loss must score the
     completions under the same distribution they were drawn from.
 
-    Memory (pitfall 9): full logits are N x V floats (V = 152K for Qwen), so we compute
+    Memory (docs/pitfalls.md #9): full logits are N x V floats (V = 152K for Qwen), so we compute
     chunk_size rows at a time, upcast only that chunk to fp32, and keep just the [chunk] result.
     Under autograd each chunk runs inside a non-reentrant checkpoint, so its logits are
     recomputed in backward instead of saved: peak ~ one chunk's [chunk, V] fp32 logits.
@@ -194,18 +194,19 @@ def grpo_loss(
     and mask.sum(). With gradient accumulation or several processes, pass the GLOBAL counts
     of the whole optimizer batch (all micro-batches, all ranks): then the micro-batch losses
     simply add up to the full-batch loss, and the gradient does not depend on how the batch
-    was split (pitfall 4). Do not also divide by the number of accumulation steps.
+    was split (docs/pitfalls.md #4). Do not also divide by the number of accumulation steps.
     (Under DDP, which averages gradients over ranks, multiply by the world size.)
 
     Note: with one update per rollout, old_logp == logp.detach() so rho == 1 and the loss
     value is just -(average of A), ~0 since A has zero mean per group, yet the gradient is the
-    full policy gradient, REINFORCE with the group mean as baseline (pitfall 7).
+    full policy gradient, REINFORCE with the group mean as baseline (docs/pitfalls.md #7).
 
     Returns (loss, stats). stats are detached 0-dim fp32 tensors, summed over this call (not
     averaged) so the trainer can add them over micro-batches and ranks, then divide:
         tokens          number of unmasked tokens
-        seqs            number of sequences S
         ratio_sum       sum of rho over tokens            (mean ratio = ratio_sum / tokens)
+        approx_kl_sum   sum of (rho - 1) - log rho        (k3 of pi_old || pi_theta: how far this update
+                                                           moved the policy; 0 when rho == 1)
         kl_sum          sum of k3 KL over tokens          (0 if ref_logp is None)
         clipped_tokens  tokens where the clip is active, i.e. zeroes the gradient:
                         A > 0 and rho > 1 + eps_high, or A < 0 and rho < 1 - eps_low
@@ -251,8 +252,8 @@ def grpo_loss(
         clip_active = ((A > 0) & (ratio > 1 + eps_high)) | ((A < 0) & (ratio < 1 - eps_low))
         stats = {
             "tokens": tokens_per_seq.sum().float(),
-            "seqs": torch.tensor(float(mask.shape[0]), device=logp.device),
             "ratio_sum": masked_sum(ratio, mask),
+            "approx_kl_sum": masked_sum(torch.expm1(log_ratio) - log_ratio, mask),
             "kl_sum": masked_sum(kl, mask),
             "clipped_tokens": (clip_active & mask).sum().float(),
         }

@@ -201,7 +201,7 @@ def load_policy(path: str | Path, mode: str = "lora", dtype: str = "auto", gradi
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute,
-            # the full module path: the short name "visual" is silently ignored (cpu-stack.md)
+            # the full module path: the short name "visual" is silently ignored, and training then fails
             llm_int8_skip_modules=["model.visual", "visual", "lm_head"])
         kwargs.setdefault("device_map", {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu")
         if adapter is not None:
@@ -216,7 +216,7 @@ def load_policy(path: str | Path, mode: str = "lora", dtype: str = "auto", gradi
             if name.startswith(VISION_PREFIXES):
                 p.requires_grad_(False)
     if gradient_checkpointing:
-        # non-reentrant: works with LoRA without input grads and with ZeRO-3 (pitfall 15)
+        # non-reentrant: works with LoRA without input grads and with ZeRO-3 (docs/pitfalls.md #15)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if mode in ("lora", "qlora"):

@@ -9,6 +9,8 @@ import re
 import warnings
 from dataclasses import dataclass
 
+PAPER_STAGES = "4096x16:100,8192x8:100"
+
 _STAGE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -50,3 +52,22 @@ def stage_at(stages: list[Stage], step: int) -> tuple[int, Stage]:
         if step < s.start + s.steps:
             return i, s
     return len(stages) - 1, stages[-1]
+
+
+def resolve_stages(stages: str | None, max_completion_length: int | None = None, num_generations: int | None = None,
+                   max_steps: int | None = None) -> list[Stage]:
+    """The run's stages, said one way: `stages` ("LENxG:STEPS,...") or, for a single stage, TRL's three
+    flags (the unset ones default to 4096, 16 and 100); neither: the paper's PTST. Both: an error,
+    since one of them would be ignored."""
+    from minivr1.config import ConfigError
+
+    single = {"max_completion_length": max_completion_length, "num_generations": num_generations,
+              "max_steps": max_steps}
+    given = [f"--{k}" for k, v in single.items() if v is not None]
+    if stages and given:
+        raise ConfigError(f"{', '.join(given)} and --stages (from the command line or the --config preset) both set "
+                          f"the stages, and one would be ignored: say it one way, e.g. --stages "
+                          f"{max_completion_length or 4096}x{num_generations or 16}:{max_steps or 100} for one stage")
+    if given:
+        return parse_stages(f"{max_completion_length or 4096}x{num_generations or 16}:{max_steps or 100}")
+    return parse_stages(stages or PAPER_STAGES)

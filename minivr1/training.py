@@ -1,29 +1,13 @@
-"""Training-loop plumbing shared by train_sft.py and train_grpo.py: the accelerator, the
-optimizer and schedule, a resumable data order, and a Ctrl-C guard.
+"""The parts of a training loop that are the same on one process and many: the optimizer and its
+schedule, a resumable data order, the optimizer step with its NaN guard, a Ctrl-C guard, resuming,
+and the final save. What differs between backends is in minivr1/distributed.py.
 """
 from __future__ import annotations
 
 import math
 import signal
-from contextlib import contextmanager
 
 import torch
-
-
-def make_accelerator(gradient_accumulation_steps: int = 1, mixed_precision: str = "auto"):
-    """An Accelerator for one process (`python`) or many (`accelerate launch`, `torchrun`).
-
-    On a machine with no GPU we pass cpu=True, which is what makes `torchrun --nproc_per_node 2`
-    give two gloo processes with DDP (cpu-stack.md). Mixed precision "auto" is bf16 on GPUs that
-    support it, off on CPU.
-    """
-    from accelerate import Accelerator
-
-    cuda = torch.cuda.is_available()
-    if mixed_precision == "auto":
-        mixed_precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(cpu=not cuda, mixed_precision=mixed_precision,
-                       gradient_accumulation_steps=gradient_accumulation_steps)
 
 
 def build_optimizer(model, lr: float, weight_decay: float = 0.0, name: str = "adamw"):
@@ -105,125 +89,24 @@ class StopRequested:
             signal.signal(sig, old)
 
 
-def check_finite(name: str, value: torch.Tensor | float, step: int) -> None:
-    """Stop the run on NaN/inf instead of training on garbage."""
+def check_finite(name: str, value: torch.Tensor | float, step: int, out_dir=None) -> None:
+    """Stop the run on NaN/inf instead of training on garbage. Called before the update, so the weights
+    never take a non-finite step; the message says which checkpoint a rerun resumes from (FloatingPointError:
+    one clean line from the scripts)."""
     v = torch.as_tensor(value)
-    if not torch.isfinite(v).all():
-        raise FloatingPointError(
-            f"step {step}: {name} is {v.flatten()[:4].tolist()} (not finite). The last checkpoint is intact; "
-            f"lower the learning rate, check the data, or resume with --resume from the last checkpoint")
-
-
-def start_accumulation(accelerator, n_micro: int) -> None:
-    """Make the next `n_micro` calls of `accelerator.accumulate` one optimizer step.
-
-    GRPO's micro-batch count can change between PTST stages (group size changes), so we set it
-    per step and reset accelerate's counter, instead of fixing it when the Accelerator is built.
-    (DeepSpeed's engine keeps the accumulation count it was built with; `global_loss_scale`
-    accounts for that.)
-    """
-    accelerator.gradient_accumulation_steps = n_micro
-    accelerator.step = 0
-
-
-def global_loss_scale(accelerator) -> float:
-    """The factor to multiply each micro-batch's loss by before `accelerator.backward`, when the losses
-    are already normalised by the whole global batch (every micro-batch of every process): then the
-    gradient that reaches the optimizer is exactly the global loss's, however the batch is split.
-
-    Two divisions happen behind the scenes and this undoes both: the backends average gradients
-    over processes (DDP, FSDP and DeepSpeed alike): x world size; and each micro-batch's loss is
-    divided by the accumulation count, by accelerate (`accelerator.gradient_accumulation_steps`) or,
-    under DeepSpeed, by the engine, with the count the engine was built with (its config's
-    `gradient_accumulation_steps`), which is not the count `start_accumulation` sets later.
-    """
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        divisor = accelerator.deepspeed_engine_wrapped.engine.gradient_accumulation_steps()
-    else:
-        divisor = accelerator.gradient_accumulation_steps
-    return float(accelerator.num_processes * divisor)
-
-
-def prepare_reference(accelerator, module):
-    """Place a frozen reference model (a TokenLogprobs, not trained) the way the policy is placed.
-
-    FSDP2: sharded like the policy (the same shard units, mixed precision and offload, through
-    accelerate's own `fsdp2_prepare_model`; under `fsdp_cpu_ram_efficient_loading` rank 0's weights
-    are broadcast). DeepSpeed ZeRO-3: a DeepSpeed engine with the training config minus the
-    optimizer, so its parameters are partitioned too. Otherwise (one process, DDP, ZeRO-1/2): whole,
-    on this process's device; a forward of it then involves no other process.
-    """
-    from accelerate.utils import DistributedType
-
-    module.eval().requires_grad_(False)
-    if getattr(accelerator, "is_fsdp2", False):
-        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
-        return fsdp2_prepare_model(accelerator, module).eval()
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and zero_stage(accelerator) == 3:
-        import copy
-
-        import deepspeed
-        ds_config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
-        for key in ("optimizer", "scheduler"):
-            ds_config.pop(key, None)
-        engine, *_ = deepspeed.initialize(model=module, config=ds_config)
-        engine.eval()                       # (DeepSpeedEngine.eval returns None, not the engine)
-        return engine
-    return module.to(accelerator.device)
-
-
-def zero_stage(accelerator) -> int:
-    """DeepSpeed's ZeRO stage, 0 when not under DeepSpeed."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
-        return 0
-    return int(accelerator.state.deepspeed_plugin.zero_stage)
-
-
-@contextmanager
-def whole_parameters(accelerator, policy):
-    """Inside this block the prepared `policy`'s parameters are whole on every process, so
-    `generate()` can run on the unwrapped model as on one GPU, each process at its own pace.
-
-    Only FSDP2 needs to act: its parameters live as shards, gathered by hooks around each shard
-    unit's forward and freed after it. Here every unit gathers its parameters once and keeps them
-    until the block ends (a rollout's thousands of forwards then need no collective, and processes
-    may stop at different lengths); memory: the whole model, in the compute dtype, on every GPU
-    for the rollout's duration. ZeRO-3 instead gathers layer by layer at every forward, so its
-    generation must step in sync across processes (`generate(..., synced_gpus=True)`).
-
-    FSDP2 internals used (torch is pinned): the root state's `_lazy_init` (the root must claim
-    rootness before any unit runs a forward of its own) and each parameter group's
-    `post_forward_mesh_info` (None = keep gathered after a forward; `set_reshard_after_forward`
-    writes the same field but cannot restore the per-unit choices accelerate made).
-    """
-    if not getattr(accelerator, "is_fsdp2", False):
-        yield
+    if torch.isfinite(v).all():
         return
-    from torch.distributed.fsdp import FSDPModule
+    from minivr1 import checkpoint
 
-    units = [m for m in policy.modules() if isinstance(m, FSDPModule)]
-    policy._get_fsdp_state()._lazy_init()
-    saved = []
-    for unit in units:
-        for group in unit._get_fsdp_state()._fsdp_param_groups:
-            saved.append((group, group.post_forward_mesh_info))
-            group.post_forward_mesh_info = None
-        unit.unshard()
-    try:
-        yield
-    finally:
-        for group, info in saved:
-            group.post_forward_mesh_info = info
-        for unit in units:
-            unit.reshard()
+    latest = checkpoint.latest_checkpoint(out_dir) if out_dir is not None else None
+    where = (f"rerunning the same command resumes from the last checkpoint, {latest}, which is intact" if latest else
+             "there is no checkpoint yet: rerunning starts from the beginning")
+    raise FloatingPointError(f"step {step}: {name} is {v.flatten()[:4].tolist()} (not finite); the update was not "
+                             f"applied. Lower the learning rate or check the data; {where}")
 
 
 def disable_dropout(model) -> None:
-    """RL needs the same distribution for sampling, old, new and reference log-probs (pitfall 6):
+    """RL needs the same distribution for sampling, old, new and reference log-probs (docs/pitfalls.md):
     dropout would make the ratio noisy even at the first step.
 
     Besides nn.Dropout modules, transformers' attention layers keep their rate as a float attribute
@@ -235,12 +118,31 @@ def disable_dropout(model) -> None:
             m.attention_dropout = 0.0
 
 
-def clip_gradients(accelerator, model, max_norm: float) -> float | None:
-    """Clip the gradient norm to `max_norm` (0 = measure only) and return the norm before
-    clipping; None where the backend clips by itself and reports nothing (DeepSpeed: its
-    config's gradient_clipping)."""
-    norm = accelerator.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
-    return None if norm is None else float(norm)
+def optimizer_step(accelerator, policy, optimizer, max_grad_norm: float, step: int, out_dir=None) -> float | None:
+    """At the end of an accumulation (accelerate's `sync_gradients`): clip, check the gradient norm
+    is finite (a finite loss can still have NaN gradients: the update must not happen), step, zero
+    the gradients. Returns the norm before clipping (None mid-accumulation, or where the backend
+    clips by itself)."""
+    from minivr1 import distributed
+
+    grad_norm = None
+    if accelerator.sync_gradients:
+        grad_norm = distributed.clip_gradients(accelerator, policy, max_grad_norm)
+        if grad_norm is not None:
+            check_finite("grad_norm", grad_norm, step, out_dir)
+    optimizer.step()                    # accelerate skips it mid-accumulation
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def micro_batches(n: int, size: int) -> list[list[int]]:
+    """Rows 0..n-1 as consecutive micro-batches of at most `size` rows."""
+    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+
+def warmup_schedule(optimizer, warmup_steps: int):
+    """Linear warmup over `warmup_steps` optimizer steps, then the constant learning rate."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
 
 
 def resume_step(accelerator, out_dir, resume: str | None) -> int:

@@ -3,7 +3,7 @@
 accelerate runs FSDP and DeepSpeed only on accelerators: on a machine without a GPU it builds a
 plain multi-CPU (DDP over gloo) state whatever the config says. Both backends themselves run on a
 CPU over gloo (torch's `fully_shard`; DeepSpeed's CPU accelerator), so `use(backend)` makes the
-scripts' `training.make_accelerator` return an Accelerator in that state:
+scripts' `distributed.make_accelerator` return an Accelerator in that state:
 
     fsdp   an Accelerator built as usual, then switched to FSDP with fsdp.yaml's sharding (FSDP2,
            Qwen2.5-VL's layer classes as shard units, reshard after forward) but fp32 and without
@@ -28,21 +28,21 @@ BACKENDS = ("ddp", "fsdp", "zero2", "zero3")
 
 
 def use(backend: str) -> None:
-    """Route every later `training.make_accelerator()` in this process through `backend`."""
-    from minivr1 import training
+    """Route every later `distributed.make_accelerator()` in this process through `backend`."""
+    from minivr1 import distributed
 
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: one of {BACKENDS}")
     if backend == "ddp":
         return
-    real = training.make_accelerator
+    real = distributed.make_accelerator
 
     def make_accelerator(gradient_accumulation_steps: int = 1, mixed_precision: str = "auto"):
         if backend == "fsdp":
             return _fsdp(real(gradient_accumulation_steps, "no"))
         return _deepspeed(int(backend[-1]), gradient_accumulation_steps)
 
-    training.make_accelerator = make_accelerator
+    distributed.make_accelerator = make_accelerator
 
 
 def _fsdp(accelerator):

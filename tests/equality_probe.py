@@ -4,11 +4,12 @@ it with one process (in-process) and with two (under torchrun) and compares the 
 
 Why the rollouts need help: each process seeds its sampler with seed + rank, and a prompt's
 completions are drawn from a batch padded to that batch's longest prompt, so 1 and 2 processes
-sample different completions and their weights could never be compared. Here the script's
-`generate` is replaced by a wrapper that samples each prompt's G completions on their own: the
-group's rows with their left padding removed, from an RNG seeded by (problem id, step), through the
-script's own `generate`. The same prompt then gets the same completions whichever process owns it.
-Everything else (data split, rewards, advantages, log-probs, loss, DDP, optimizer) is the script's.
+sample different completions and their weights could never be compared. Here the script's rollout
+engine is wrapped by one (`SeededEngine`, through the engine seam: no line of the loop changes)
+that samples each prompt's G completions on their own, with no left padding, from an RNG seeded by
+(problem id, step), through the script's own engine. The same prompt then gets the same
+completions whichever process owns it. Everything else (data split, rewards, advantages,
+log-probs, loss, DDP, optimizer) is the script's.
 
     python tests/equality_probe.py SPEC.json                                    # one process
     torchrun --nproc_per_node 2 tests/equality_probe.py SPEC.json               # two
@@ -23,7 +24,6 @@ ids this process rolled out and G.
 """
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import os
@@ -40,7 +40,7 @@ import cpu_backends  # noqa: E402
 import train_grpo  # noqa: E402
 import train_sft  # noqa: E402
 from minivr1 import grader  # noqa: E402
-from minivr1.chat import select_sequences  # noqa: E402
+from minivr1.rollout import Rollout  # noqa: E402
 
 
 def length_reward(text, answer, **meta):
@@ -48,56 +48,53 @@ def length_reward(text, answer, **meta):
     return float(len(text) % 3)
 
 
-class SeededRollouts:
-    """Wraps train_grpo's prompt_batch (to learn the step's problems) and generate (to sample each
-    group alone, seeded by problem id and step); optionally breaks the loss's denominators."""
+class SeededEngine:
+    """A rollout engine around the script's own: each prompt's group sampled alone, seeded by problem id
+    and step; records each step's problem ids and G."""
 
-    def __init__(self, break_denominators: bool = False):
-        self.break_denominators = break_denominators
-        self.steps = []                  # per step: {"ids": [...], "G": G}
-        self.problems, self.G = [], 0
+    def __init__(self, real, steps: list):
+        self.real, self.steps, self.name = real, steps, f"seeded {real.name}"
         self.local_totals = None         # (sequences, tokens) of this process's rollout
-        self.real_prompt_batch, self.real_generate = train_grpo.prompt_batch, train_grpo.generate
-        self.real_loss = train_grpo.grpo_loss
 
-    def prompt_batch(self, processor, problems, system_prompt=None, repeat=1):
-        self.problems, self.G = list(problems), repeat
-        self.steps.append({"ids": [p.id for p in problems], "G": repeat})
-        return self.real_prompt_batch(processor, problems, system_prompt, repeat=repeat)
-
-    def generate(self, model, processor, batch, *args, **kwargs):
-        G, step = self.G, len(self.steps) - 1
-        assert batch["input_ids"].shape[0] == len(self.problems) * G, "generate got rows that are not whole groups"
-        images_per_seq = [len(p.images) for p in self.problems for _ in range(G)]
+    def generate(self, problems, G: int, max_new_tokens: int) -> Rollout:
+        step = len(self.steps)
+        self.steps.append({"ids": [p.id for p in problems], "G": G})
         parts = []
-        for j, p in enumerate(self.problems):
-            group = select_sequences(dict(batch), list(range(j * G, (j + 1) * G)), images_per_seq)
-            first = int(group["attention_mask"].bool().any(0).nonzero()[0])       # drop the left padding
-            group = {k: v[:, first:] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v
-                     for k, v in group.items()}
+        for p in problems:
             torch.manual_seed(zlib.crc32(f"{p.id}/{step}".encode()))
-            parts.append(self.real_generate(model, processor, group, *args, **kwargs))
+            parts.append(self.real.generate([p], G, max_new_tokens))
+        batch, images, counts = self.real.prompts(problems)               # the step's prompts, left-padded together
         C = max(r.completion_ids.shape[1] for r in parts)
-        pad = processor.tokenizer.pad_token_id
+        pad = self.real.processor.tokenizer.pad_token_id
 
         def right_pad(x, value):
             return torch.nn.functional.pad(x, (0, C - x.shape[1]), value=value)
 
-        device = parts[0].completion_ids.device
-        ro = dataclasses.replace(
-            parts[0],
-            prompt_ids=batch["input_ids"].to(device), prompt_mask=batch["attention_mask"].to(device),
-            prompt_types=batch["mm_token_type_ids"].to(device) if "mm_token_type_ids" in batch else None,
-            completion_ids=torch.cat([right_pad(r.completion_ids, pad) for r in parts]),
-            completion_mask=torch.cat([right_pad(r.completion_mask, 0) for r in parts]),
-            truncated=torch.cat([r.truncated for r in parts]),
-            texts=[t for r in parts for t in r.texts])
+        ro = Rollout(batch["input_ids"].repeat_interleave(G, 0), batch["attention_mask"].repeat_interleave(G, 0),
+                     batch["mm_token_type_ids"].repeat_interleave(G, 0) if "mm_token_type_ids" in batch else None,
+                     torch.cat([right_pad(r.completion_ids, pad) for r in parts]),
+                     torch.cat([right_pad(r.completion_mask, 0) for r in parts]),
+                     torch.cat([r.truncated for r in parts]), [t for r in parts for t in r.texts], G, images, counts)
         self.local_totals = (float(ro.completion_mask.shape[0]), float(ro.completion_mask.sum()))
         return ro
 
+
+class SeededRollouts:
+    """Puts a SeededEngine in place of the script's engine; optionally breaks the loss's denominators."""
+
+    def __init__(self, break_denominators: bool = False):
+        self.break_denominators = break_denominators
+        self.steps = []                  # per step: {"ids": [...], "G": G}
+        self.engine = None
+        self.real_make_engine, self.real_loss = train_grpo.make_engine, train_grpo.grpo_loss
+
+    def make_engine(self, *args, **kwargs):
+        self.engine = SeededEngine(self.real_make_engine(*args, **kwargs), self.steps)
+        return self.engine
+
     def grpo_loss(self, *args, **kwargs):
         if self.break_denominators:
-            kwargs["total_seqs"], kwargs["total_tokens"] = self.local_totals
+            kwargs["total_seqs"], kwargs["total_tokens"] = self.engine.local_totals
         return self.real_loss(*args, **kwargs)
 
 
@@ -120,8 +117,7 @@ def run_all(spec: dict, rank: int = 0) -> None:
                 train_sft.main(train_sft.Args(**run["args"]))
             else:
                 probe = SeededRollouts(break_denominators=run.get("break") == "local_denominators")
-                mp.setattr(train_grpo, "prompt_batch", probe.prompt_batch)
-                mp.setattr(train_grpo, "generate", probe.generate)
+                mp.setattr(train_grpo, "make_engine", probe.make_engine)
                 mp.setattr(train_grpo, "grpo_loss", probe.grpo_loss)
                 train_grpo.main(train_grpo.Args(**run["args"]))
                 records.mkdir(parents=True, exist_ok=True)

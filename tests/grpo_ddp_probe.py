@@ -3,8 +3,8 @@ rolled out and trained on; tests/test_multiprocess.py starts it under torchrun a
 
 The wrappers only observe: each calls the real function and returns its result. Per process,
 written at the end to $GRPO_PROBE_DIR/rank{RANK}.json:
-    prompts      per step: the problem ids passed to prompt_batch and its `repeat` (= G)
-    rollout      per step: the rows of the prompt batch handed to generate (token ids, as lists)
+    prompts      per step: the problem ids handed to the rollout engine and G
+    rollout      per step: the prompt rows of the rollout (token ids, as lists)
     advantages   per step: (number of rewards, G) that group_advantages normalised
     params       per checkpoint save: (step, sum and sum of squares of the trainable weights)
 """
@@ -41,12 +41,16 @@ def wrap(module, name, before=None, after=None):
     setattr(module, name, wrapper)
 
 
-def on_prompt_batch(processor, problems, system_prompt=None, repeat=1):
-    records["prompts"].append({"ids": [p.id for p in problems], "repeat": repeat})
+def on_make_engine(engine, *args, **kwargs):
+    real = engine.generate
 
+    def generate(problems, G, max_new_tokens):
+        ro = real(problems, G, max_new_tokens)
+        records["prompts"].append({"ids": [p.id for p in problems], "repeat": G})
+        records["rollout"].append([row.tolist() for row in ro.prompt_ids])
+        return ro
 
-def on_generate(ro, model, processor, batch, *args, **kwargs):
-    records["rollout"].append([row.tolist() for row in batch["input_ids"]])
+    engine.generate = generate
 
 
 def on_advantages(adv, rewards, G, **kwargs):
@@ -60,8 +64,7 @@ def on_save(ckpt, accelerator, out_dir, step, state, model=None, keep_last=2):
 
 if __name__ == "__main__":
     grader.REWARDS["length_mod3"] = length_reward
-    wrap(train_grpo, "prompt_batch", before=on_prompt_batch)
-    wrap(train_grpo, "generate", after=on_generate)
+    wrap(train_grpo, "make_engine", after=on_make_engine)
     wrap(train_grpo, "group_advantages", after=on_advantages)
     wrap(checkpoint, "save_checkpoint", after=on_save)
     train_grpo.main(config.parse_args(train_grpo.Args))

@@ -1,4 +1,4 @@
-"""Unit tests of minivr1.grpo against hand-computed values (pitfalls refer to shared/notes/grpo-pitfalls.md)."""
+"""Unit tests of minivr1.grpo against hand-computed values (pitfall numbers refer to docs/pitfalls.md)."""
 
 import math
 
@@ -159,11 +159,59 @@ def test_first_step_ratio_one_kl_zero():
     logp, _, _, adv, mask = _batch()
     loss, stats = grpo_loss(logp, logp.clone(), logp.clone(), adv, mask, beta=0.01)
     n = mask.sum().item()
-    assert stats["tokens"].item() == n and stats["seqs"].item() == 8
+    assert stats["tokens"].item() == n
     assert stats["ratio_sum"].item() == n                 # every ratio exactly 1
-    assert stats["kl_sum"].item() == 0 and stats["clipped_tokens"].item() == 0
+    assert stats["kl_sum"].item() == 0 and stats["clipped_tokens"].item() == 0 and stats["approx_kl_sum"].item() == 0
     # rho == 1, KL == 0: loss = -mean_s A_s (seq_mean)
     torch.testing.assert_close(loss, -adv.mean())
+
+
+def test_grpo_loss_hand_computed():
+    """The whole loss on 2 sequences x 3 tokens, every number derived by hand below.
+
+    mask = [[1, 1, 1], [1, 1, 0]]       (sequence 2 has 2 tokens; its third slot is padding: NaN there)
+    A    = [+1, -1], eps = 0.2, beta = 0.1
+    old_logp = -1 everywhere; logp - old = [[0, ln 1.5, 0], [0, ln 0.9, pad]], so
+    rho  = [[1, 1.5, 1], [1, 0.9, -]]
+    ref_logp - logp = [[ln 2, 0, 0], [0, 0, -]], so k3 = [[2 - ln 2 - 1, 0, 0], [0, 0, -]] = [[0.306853, 0, 0], ...]
+
+    per-token loss l = -min(rho A, clip(rho, 0.8, 1.2) A) + beta k3:
+      seq 1 (A = +1): t1 -1 + 0.0306853 = -0.9693147
+                      t2 rho = 1.5 is clipped to 1.2: min(1.5, 1.2) = 1.2 -> -1.2
+                      t3 -1
+                      sum -3.1693147, mean over its 3 tokens -1.0564382
+      seq 2 (A = -1): t1 min(-1, -1) = -1 -> +1
+                      t2 rho A = -0.9, clip(0.9) = 0.9 (inside the range) -> +0.9
+                      sum 1.9, mean over its 2 tokens 0.95
+    seq_mean   = (-1.0564382 + 0.95) / 2 = -0.0532191
+    token_mean = (-3.1693147 + 1.9) / 5  = -0.2538629
+
+    d l / d logp: the surrogate gives -rho A where unclipped and 0 where the clip is active (the min
+    picks the constant); k3 = e^x - x - 1 with x = ref - logp gives d k3 / d logp = 1 - e^x, -1 at
+    x = ln 2 (times beta: -0.1), 0 at x = 0:
+      seq 1: [-1 - 0.1, 0, -1] = [-1.1, 0, -1];   seq 2: [+1, +0.9, 0]
+    seq_mean divides sequence s by n_s x S: seq 1 by 6, seq 2 by 4; token_mean divides by 5.
+    """
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    old = torch.full((2, 3), -1.0)
+    logp = (old + torch.tensor([[0.0, math.log(1.5), 0.0], [0.0, math.log(0.9), float("nan")]])).requires_grad_(True)
+    ref = logp.detach() + torch.tensor([[LN2, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    adv = torch.tensor([1.0, -1.0])
+    expected = {
+        "seq_mean": (-0.0532191, [[-1.1 / 6, 0.0, -1 / 6], [1 / 4, 0.9 / 4, 0.0]]),
+        "token_mean": (-0.2538629, [[-1.1 / 5, 0.0, -1 / 5], [1 / 5, 0.9 / 5, 0.0]]),
+    }
+    for aggregation, (want_loss, want_grad) in expected.items():
+        logp.grad = None
+        loss, stats = grpo_loss(logp, old, ref, adv, mask, eps_low=0.2, beta=0.1, aggregation=aggregation)
+        loss.backward()
+        assert loss.item() == pytest.approx(want_loss, abs=1e-6), aggregation
+        torch.testing.assert_close(logp.grad, torch.tensor(want_grad), atol=1e-6, rtol=0)
+        assert stats["tokens"].item() == 5 and stats["clipped_tokens"].item() == 1
+        assert stats["ratio_sum"].item() == pytest.approx(1 + 1.5 + 1 + 1 + 0.9)
+        assert stats["kl_sum"].item() == pytest.approx(1 - LN2)
+        # (rho - 1) - ln rho: 0.5 - ln 1.5 = 0.0945349 and -0.1 - ln 0.9 = 0.0053605
+        assert stats["approx_kl_sum"].item() == pytest.approx(0.0998954, abs=1e-6)
 
 
 def test_kl_term_adds_beta_times_k3():

@@ -3,7 +3,7 @@
 Each test runs the real script (`main(Args(...))`) for a step or a few. Where a test needs to see
 inside a step it wraps a function the script calls (`grpo_loss`, `generate`, the optimizer) with
 one that records its arguments and then calls the real thing, so the numbers are those of the
-real loop. Pitfall numbers refer to shared/notes/grpo-pitfalls.md.
+real loop. Pitfall numbers refer to docs/pitfalls.md.
 """
 import json
 import os
@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import train_grpo
 from minivr1 import checkpoint, data, grader, models, rollout, training
-from minivr1.chat import prompt_batch
+from minivr1.chat import prompt_batch, repeat_images
 from minivr1.grpo import grpo_loss
 from minivr1.policy import TokenLogprobs, scatter_logprobs
 from conftest import assert_standard_checkpoint, make_eos_likely
@@ -62,7 +62,7 @@ def model_dir(tiny_model_dir, processor, toy_dir, tmp_path_factory):
     """The tiny model with <|im_end|> made likely, so completions end at different lengths (else all
     run to the limit, every mask is full, and seq_mean == token_mean: tests could not tell them apart).
     Its LM-head row is put along the mean final hidden state of sampled completions. And attention
-    dropout on, as some checkpoints ship it: the trainer must turn it off (pitfall 6)."""
+    dropout on, as some checkpoints ship it: the trainer must turn it off (docs/pitfalls.md #6)."""
     out = tmp_path_factory.mktemp("eos") / "model"
     shutil.copytree(tiny_model_dir, out)
     model = models.load_for_inference(out, dtype="fp32")
@@ -205,25 +205,20 @@ def test_lora_reference_is_the_sft_model(model_dir, toy_dir, processor, tmp_path
     assert models.adapter_base(adapter_dir) == str(model_dir)
 
     spy, rollouts = LossSpy(), []
-
-    def recording_generate(model, processor, batch, *args, **kwargs):
-        ro = rollout.generate(model, processor, batch, *args, **kwargs)
-        rollouts.append((batch, ro))
-        return ro
-
     monkeypatch.setattr(train_grpo, "grpo_loss", spy)
-    monkeypatch.setattr(train_grpo, "generate", recording_generate)
+    record_rollouts(monkeypatch, lambda problems, G, ro: rollouts.append(ro))
     train_grpo.main(make_args(adapter_dir, toy_dir, tmp_path / "run", mode="lora", lora_r=8, lora_alpha=16))
 
-    (batch, ro), = rollouts
+    (ro,) = rollouts
     (call,) = spy.calls
     ids, mask = torch.cat([ro.prompt_ids, ro.completion_ids], 1), ro.completion_mask
+    images = repeat_images(ro.images, ro.images_per_prompt, [ro.group_size] * len(ro.images_per_prompt))
 
     def logprobs(model):
         with torch.no_grad():
             flat = TokenLogprobs(model.eval())(ids, torch.cat([ro.prompt_mask, mask], 1),
                                                torch.cat([torch.zeros_like(ro.prompt_mask), mask], 1),
-                                               batch["pixel_values"], batch["image_grid_thw"],
+                                               images["pixel_values"], images["image_grid_thw"],
                                                torch.cat([ro.prompt_types, torch.zeros_like(mask)], 1))
         return scatter_logprobs(flat, mask)
 
@@ -240,12 +235,28 @@ def test_lora_reference_is_the_sft_model(model_dir, toy_dir, processor, tmp_path
 RESUME = dict(stages="24x4:2,48x2:2", micro_batch_size=4)       # a PTST boundary after step 2
 
 
+def record_rollouts(monkeypatch, on_rollout):
+    """Wraps the script's rollout engine: on_rollout(problems, G, rollout) after each of its rollouts."""
+    real_make_engine = train_grpo.make_engine
+
+    def make_engine(*args, **kwargs):
+        engine = real_make_engine(*args, **kwargs)
+        real_generate = engine.generate
+
+        def generate(problems, G, max_new_tokens):
+            ro = real_generate(problems, G, max_new_tokens)
+            on_rollout(problems, G, ro)
+            return ro
+
+        engine.generate = generate
+        return engine
+
+    monkeypatch.setattr(train_grpo, "make_engine", make_engine)
+
+
 def record_prompts(monkeypatch, seen):
-    """Wraps train_grpo.prompt_batch to append each step's problem ids to `seen`."""
-    def recording_prompt_batch(processor, problems, *args, **kwargs):
-        seen.append([p.id for p in problems])
-        return prompt_batch(processor, problems, *args, **kwargs)
-    monkeypatch.setattr(train_grpo, "prompt_batch", recording_prompt_batch)
+    """Appends each step's problem ids to `seen`."""
+    record_rollouts(monkeypatch, lambda problems, G, ro: seen.append([p.id for p in problems]))
 
 
 @pytest.fixture(scope="module")
@@ -410,3 +421,51 @@ def test_zero_variance_groups_give_no_update(model_dir, toy_dir, tmp_path, monke
     assert_standard_checkpoint(tmp_path / "final")
     assert final.keys() == start.keys()
     assert all(torch.equal(final[k], start[k]) for k in start)
+
+
+# ----------------------------------------------------------------------------- arguments said one way
+
+def test_single_stage_flags_conflicting_with_stages_are_an_error(model_dir, toy_dir, tmp_path):
+    """Issue: --max_completion_length, --num_generations and --max_steps were silently ignored whenever
+    --stages was set, which the default and every preset do. Now a conflict is an error, and the three
+    flags alone set the one stage."""
+    from minivr1.config import ConfigError
+
+    with pytest.raises(ConfigError, match="say it one way"):
+        train_grpo.main(make_args(model_dir, toy_dir, tmp_path / "both", stages="24x4:1", max_steps=2))
+    assert not (tmp_path / "both").exists()                     # nothing started
+    train_grpo.main(make_args(model_dir, toy_dir, tmp_path / "one", stages=None, max_completion_length=6,
+                              num_generations=2, max_steps=2))
+    metrics = read_metrics(tmp_path / "one")
+    assert [m["step"] for m in metrics] == [1, 2] and all(m["len_max"] <= 6 for m in metrics)
+    assert json.loads((tmp_path / "one" / "args.json").read_text())["max_steps"] == 2
+
+
+def test_with_several_updates_per_rollout_the_schedule_counts_optimizer_steps(model_dir, toy_dir, tmp_path,
+                                                                              monkeypatch):
+    """Issue: with --num_iterations 2 the warmup counted rollouts, and grad_norm logged only the last
+    update's. Decided: --warmup_steps counts optimizer steps, and grad_norm is the mean of the step's updates."""
+    from minivr1 import distributed
+
+    lrs, norms = [], []
+    real_step = torch.optim.AdamW.step
+
+    def recording_step(self, *a, **k):
+        lrs.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    real_clip = distributed.clip_gradients
+
+    def recording_clip(*a, **k):
+        norms.append(real_clip(*a, **k))
+        return norms[-1]
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    monkeypatch.setattr(distributed, "clip_gradients", recording_clip)
+    train_grpo.main(make_args(model_dir, toy_dir, tmp_path, stages="24x4:2", num_iterations=2, warmup_steps=4,
+                              learning_rate=1e-3, micro_batch_size=8))
+    assert lrs == pytest.approx([0.25e-3, 0.5e-3, 0.75e-3, 1e-3])      # 2 rollout steps x 2 updates
+    metrics = read_metrics(tmp_path)
+    assert len(norms) == 4 and norms[0] != norms[1]
+    assert [m["grad_norm"] for m in metrics] == pytest.approx([(norms[0] + norms[1]) / 2, (norms[2] + norms[3]) / 2])
+    assert [m["lr"] for m in metrics] == pytest.approx([0.75e-3, 1e-3])   # logged after the step: the next update's

@@ -1,7 +1,7 @@
 """Two processes on one CPU: `torchrun --nproc_per_node 2` runs train_grpo.py and train_sft.py on the
-tiny model (gloo + DDP, cpu-stack.md). GRPO runs through tests/grpo_ddp_probe.py, which records on
+tiny model (gloo + DDP). GRPO runs through tests/grpo_ddp_probe.py, which records on
 each process what it rolled out and normalised, so the test can check that groups stay whole
-(pitfall 3) and that the processes' weights stay in sync."""
+(docs/pitfalls.md #3) and that the processes' weights stay in sync."""
 import json
 import os
 import socket
@@ -32,7 +32,7 @@ def torchrun(script, args, tmp_path, extra_env=None):
     log = proc.stdout + proc.stderr
     (tmp_path / "torchrun.log").write_text(log)
     assert proc.returncode == 0, f"torchrun exited {proc.returncode}:\n{log[-4000:]}"
-    # the gloo exit crash (cpu-stack.md) the scripts guard against by freeing DDP before end_training
+    # the gloo exit crash (distributed.shutdown) the scripts guard against by freeing DDP before end_training
     assert "terminate called" not in log, log[-4000:]
     return log
 

@@ -8,7 +8,7 @@ adapter-disabled model) and once with the token mean (full fine-tuning, the refe
 where a per-process denominator would show. GRPO rollouts are made independent of which process
 owns a prompt by tests/equality_probe.py; everything else is the scripts' own code.
 
-The 2-process side runs under `torchrun` (gloo + DDP, cpu-stack.md), all runs in one launch; the
+The 2-process side runs under `torchrun` (gloo + DDP: `accelerate launch --cpu` starts only one process here), all runs in one launch; the
 1-process side runs in this process. A negative control, the token-mean run with per-process
 denominators, must NOT match: it proves the comparison can see the bug it is there to catch.
 The same 2-process runs are repeated under FSDP2, DeepSpeed ZeRO-2 and ZeRO-3, which accelerate

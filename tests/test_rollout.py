@@ -1,5 +1,5 @@
 """Rollout correctness on the tiny VLM: completion masks, vision-token suppression, and the
-log-probs of a teacher-forced forward matching those seen at generation (pitfalls 5, 10, 12-14)."""
+log-probs of a teacher-forced forward matching those seen at generation (docs/pitfalls.md #5, #10, #12-14)."""
 import torch
 
 from minivr1 import data, models, rollout

@@ -24,7 +24,7 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 import train_sft
-from minivr1 import checkpoint, data, models
+from minivr1 import checkpoint, data, models, training
 from minivr1.chat import SFTCollator, conversation_messages
 from minivr1.data import Conversation, DataError
 from conftest import assert_standard_checkpoint
@@ -316,3 +316,61 @@ def test_sft_bad_record_names_file_and_line(tiny_model_dir, toy_dir, tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in [good[0], bad, good[2]]) + "\n")
     with pytest.raises(DataError, match=rf"{path}:line 2: field 'conversations'"):
         train_sft.main(_args(tiny_model_dir, toy_dir, path, tmp_path / "run", max_steps=1))
+
+
+class _StopAfterFirstStep:
+    """Stands in for training.StopRequested: Ctrl-C "pressed" during step 1."""
+
+    def __init__(self):
+        self.requested = True
+
+    def restore(self):
+        pass
+
+
+def test_sft_ctrl_c_takes_the_same_teardown_path_as_a_finished_run(tiny_model_dir, toy_dir, tmp_path, monkeypatch):
+    """Issue: SFT's Ctrl-C path returned before the teardown that frees the model and ends the process
+    group (with gloo, skipping it aborts at exit in a fraction of runs). Both paths must end the run."""
+    from accelerate import Accelerator
+
+    ended = []
+    real = Accelerator.end_training
+    monkeypatch.setattr(Accelerator, "end_training", lambda self: ended.append(1) or real(self))
+    monkeypatch.setattr(training, "StopRequested", _StopAfterFirstStep)
+    data_path = _write_cold(toy_dir, tmp_path / "cold4.json", 4)
+    out = train_sft.main(_args(tiny_model_dir, toy_dir, data_path, tmp_path / "run", max_steps=4, save_steps=0))
+    assert out == tmp_path / "run" and not (out / "final").exists()
+    assert checkpoint.read_trainer_state(checkpoint.latest_checkpoint(out))["step"] == 1
+    assert ended == [1]
+
+
+def test_sft_never_saves_nan_weights_and_its_stop_message_is_true(tiny_model_dir, toy_dir, tmp_path):
+    """Issue: at learning rate 1e8 the gradient norm went NaN at step 2 and was logged, not checked;
+    the step-2 checkpoint held NaN weights, `latest` named it, and the run stopped at step 3 calling
+    the last checkpoint intact (a rerun resumed the NaN weights). Now the update is refused, every
+    checkpoint on disk is finite, and the message names the checkpoint a rerun resumes from."""
+    from safetensors.torch import load_file as load
+
+    data_path = _write_cold(toy_dir, tmp_path / "cold4.json", 4)
+    out = tmp_path / "run"
+    with pytest.raises(FloatingPointError) as info:
+        train_sft.main(_args(tiny_model_dir, toy_dir, data_path, out, max_steps=12, save_steps=1,
+                             learning_rate=1e8, warmup_ratio=0.0))
+    saved = sorted((out / "checkpoints").glob("step-*"))
+    assert saved, "precondition: at least one step finished before the NaN"
+    for ckpt in saved:
+        weights = load(ckpt / "model.safetensors")
+        assert all(torch.isfinite(w).all() for w in weights.values()), f"{ckpt} holds non-finite weights"
+    latest = checkpoint.latest_checkpoint(out)
+    assert latest == saved[-1] and f"{latest}" in str(info.value)
+
+
+def test_sft_nan_at_the_first_step_says_there_is_no_checkpoint(tiny_model_dir, toy_dir, tmp_path, monkeypatch):
+    from minivr1.policy import TokenLogprobs
+
+    real = TokenLogprobs.forward
+    monkeypatch.setattr(TokenLogprobs, "forward", lambda self, *a, **k: real(self, *a, **k) * float("nan"))
+    data_path = _write_cold(toy_dir, tmp_path / "cold4.json", 4)
+    with pytest.raises(FloatingPointError, match="step 1: .*no checkpoint"):
+        train_sft.main(_args(tiny_model_dir, toy_dir, data_path, tmp_path / "run", max_steps=4, save_steps=1))
+    assert checkpoint.latest_checkpoint(tmp_path / "run") is None

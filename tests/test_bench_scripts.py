@@ -56,3 +56,16 @@ def test_gpu_step_runs_tiny_on_cpu(tmp_path):
     results = json.loads((tmp_path / "r.json").read_text())
     assert all(r["status"] == "ok" and r["update_flops"] > 0 for r in results["ours"])
     assert results["P"] > results["patches"] // 4 > 0          # the prompt holds the image's tokens
+
+
+def test_gpu_step_dtype_flag_on_cpu(tmp_path):
+    """--dtype bf16 on a CPU (what lets the 3B architecture fit: tests/test_realsize.py): the checkpoint is
+    built and trained in bf16."""
+    run(["bench/bench_gpu_step.py", "--size", "tiny", "--device", "cpu", "--dtype", "bf16", "--completion_length", 4,
+         "--group_size", 2, "--image_size", 56, "--modes", "lora", "--rollout_options", "", "--work_dir", tmp_path,
+         "--json", tmp_path / "r.json"])
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["dtype"] == "bf16" and [r["status"] for r in results["ours"]] == ["ok"]
+    config = json.loads((tmp_path / "model-tiny-cpu-bf16" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+

@@ -97,7 +97,7 @@ class Args:
     optim: str = arg("adamw", "optimizer", choices=["adamw", "adamw_8bit"])
     max_grad_norm: float = arg(1.0, "gradient clipping norm (0 = off)")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
-    logprob_chunk_size: int = arg(512, "tokens per LM-head chunk (working memory ~ chunk x vocab x 4 bytes x 4)")
+    logprob_chunk_size: int = arg(512, "tokens per LM-head chunk (working memory ~2 x chunk x vocab x 4 bytes: 0.54 GiB at 512 with Qwen's vocabulary)")
     rollout: str = arg("shared_prefix", "rollout engine: hf (model.generate) or shared_prefix (same samples, each "
                                         "prompt prefilled once)", choices=["hf", "shared_prefix"])
     # ---- the run

@@ -5,9 +5,10 @@ flash-attn; HF generate's rollout options; TRL's GRPOTrainer on the same step as
 
 Nothing is downloaded: the architecture comes from minivr1.tiny (Qwen2.5-VL-3B/7B config.json
 values, real vocabulary size) with a small hub-free tokenizer; the weights are random, built once on
-the device in bf16 and saved to --work_dir, so every measurement loads them through the project's
-own loader. Random weights rarely emit the end token, so every completion runs to the full 4096
-tokens: the worst case the stage's length limit allows (a trained model stops earlier).
+the device in --dtype (bf16 on a GPU, fp32 on a CPU unless told) and saved to --work_dir, so every
+measurement loads them through the project's own loader. Random weights rarely emit the end token,
+so every completion runs to the full 4096 tokens: the worst case the stage's length limit allows (a
+trained model stops earlier).
 
 What runs is the project's code, not a copy of it:
   * `ours`: train_grpo.main for --steps steps (default 1) on a one-problem data file, with
@@ -47,6 +48,8 @@ Definitions (also in docs/benchmarks.md):
     .venv/bin/python bench/bench_gpu_step.py --size 7b --trl                  # one H100: everything
     .venv/bin/python bench/bench_gpu_step.py --size 3b --modes lora,full
     .venv/bin/python bench/bench_gpu_step.py --size tiny --device cpu --completion_length 16 --group_size 2   # smoke test
+    .venv/bin/python bench/bench_gpu_step.py --size 3b --device cpu --dtype bf16 --modes lora --completion_length 8 \
+        --group_size 2 --micro_batch_size 2 --no-gradient_checkpointing --rollout_options ''   # 3B on a CPU (pytest -m realsize)
 """
 from __future__ import annotations
 
@@ -79,6 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="7b", choices=["tiny", "small", "3b", "7b"], help="architecture (minivr1.tiny)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp32"],
+                   help="dtype of the weights (default: bf16 on a GPU, fp32 on a CPU; the 3B architecture fits a "
+                        "24 GiB CPU machine only in bf16: pytest -m realsize)")
     p.add_argument("--modes", default="lora,qlora,full", help="comma-separated: lora, qlora, full")
     p.add_argument("--attn", default=None, help="comma-separated attention kernels (default: sdpa, and flash_attention_2 if installed)")
     p.add_argument("--completion_length", type=int, default=4096, help="max new tokens (PTST stage 1: 4096)")
@@ -110,8 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ---------------------------------------------------------------------------------------------- setup
 
-def build_checkpoint(size: str, out: Path, device: str, seed: int) -> Path:
-    """A random Qwen2.5-VL of `size`, initialised on `device` (bf16 on a GPU), saved with its processor."""
+def build_checkpoint(size: str, out: Path, device: str, seed: int, dtype: str) -> Path:
+    """A random Qwen2.5-VL of `size`, initialised on `device` in `dtype`, saved with its processor."""
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -120,7 +126,7 @@ def build_checkpoint(size: str, out: Path, device: str, seed: int) -> Path:
 
     if (out / "done").is_file():
         return out
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     tokenizer = tiny.build_tokenizer()
     config = tiny.build_config(size, tokenizer)
     torch.manual_seed(seed)
@@ -261,7 +267,7 @@ def run_ours(spec: dict) -> dict:
         train_grpo.main(train_grpo.Args(
             model=spec["model"], data=spec["data"], output_dir=str(out), mode=spec["mode"],
             stages=f"{spec['C']}x{spec['G']}:{spec['steps']}", prompts_per_step=1, micro_batch_size=spec["micro"],
-            dtype="bf16" if spec["device"] == "cuda" else "fp32", gradient_checkpointing=spec["gc"],
+            dtype=spec["dtype"], gradient_checkpointing=spec["gc"],
             lora_r=spec["lora_r"], lora_alpha=spec["lora_alpha"], beta=spec["beta"], learning_rate=1e-6,
             optim=spec["optim_full"] if spec["mode"] == "full" else "adamw", reward="bench_parity",
             max_pixels=spec["max_pixels"], logprob_chunk_size=spec["chunk"], save_steps=0, sample_every=0,
@@ -281,7 +287,8 @@ def run_ours(spec: dict) -> dict:
     lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").is_file() else []
     if result["status"] == "ok":
         m = json.loads(lines[-1])
-        result.update(t_rollout=m["t_rollout"], t_update=m["t_update"], len=m["len"], len_max=m["len_max"])
+        result.update(t_rollout=m["t_rollout"], t_update=m["t_update"], len=m["len"], len_max=m["len_max"],
+                      loss=m["loss"], grad_norm=m["grad_norm"])
     return result
 
 
@@ -295,7 +302,7 @@ def run_rollout_options(spec: dict) -> dict:
     models_attn = models.attn_implementation
     models.attn_implementation = lambda: spec["attn"]
     try:
-        model = models.load_policy(spec["model"], "lora", "bf16" if spec["device"] == "cuda" else "fp32",
+        model = models.load_policy(spec["model"], "lora", spec["dtype"],
                                    lora_r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=0.0)
     finally:
         models.attn_implementation = models_attn
@@ -370,7 +377,7 @@ def run_trl(spec: dict) -> dict:
     config = GRPOConfig(
         output_dir=str(Path(spec["work"]) / f"trl-{time.time_ns()}"), use_cpu=not cuda, bf16=cuda, fp16=False,
         gradient_checkpointing=spec["gc"], gradient_checkpointing_kwargs={"use_reentrant": False},
-        model_init_kwargs={"dtype": "bfloat16" if cuda else "float32", "attn_implementation": spec["attn"]},
+        model_init_kwargs={"dtype": {"bf16": "bfloat16", "fp32": "float32"}[spec["dtype"]], "attn_implementation": spec["attn"]},
         per_device_train_batch_size=micro, gradient_accumulation_steps=G // micro, num_generations=G,
         max_completion_length=spec["C"], max_steps=spec["steps"], learning_rate=1e-6, lr_scheduler_type="constant",
         beta=spec["beta"], num_iterations=1, epsilon=0.2, loss_type="grpo", scale_rewards="group",
@@ -439,6 +446,7 @@ def main(argv=None) -> dict:
     from minivr1.chat import prompt_batch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
     isolate = args.isolate if args.isolate is not None else device == "cuda"
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="minivr1-bench-"))
     machine, peak_flops, bandwidth = device_specs(device, args)
@@ -451,28 +459,29 @@ def main(argv=None) -> dict:
     G, C = args.group_size, args.completion_length
 
     t0 = time.perf_counter()
-    model_dir = build_checkpoint(args.size, work / f"model-{args.size}-{device}", device, args.seed)
+    model_dir = build_checkpoint(args.size, work / f"model-{args.size}-{device}-{dtype}", device, args.seed, dtype)
     t_build = time.perf_counter() - t0
     data_file = write_problem(work / "data", args.image_size, args.seed)
     max_pixels = args.image_size * args.image_size
     processor = models.load_processor(model_dir, max_pixels)
     prompt = prompt_batch(processor, data.read_problems(data_file)[0][:1])
     P, patches = prompt["input_ids"].shape[1], int(prompt["image_grid_thw"].prod(-1).sum())
+    image_tokens = int((prompt["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum())
     counts = model_counts(model_dir)
 
     header = [f"GRPO step, PTST stage 1 shape: 1 prompt x G={G}, up to {C} new tokens; Qwen2.5-VL {args.size} "
               f"architecture, random weights ({counts['total'] / 1e9:.2f}B params; built and saved in {t_build:.0f} s)",
-              f"prompt {P} tokens ({patches // 4} image tokens from a {args.image_size}x{args.image_size} image); "
-              f"micro-batch {args.micro_batch_size} completions; gradient checkpointing {args.gradient_checkpointing}; "
-              f"beta {args.beta}",
+              f"prompt {P} tokens ({image_tokens} image tokens from a {args.image_size}x{args.image_size} image); "
+              f"{dtype} weights; micro-batch {args.micro_batch_size} completions; gradient checkpointing "
+              f"{args.gradient_checkpointing}; beta {args.beta}",
               f"device: {machine}; {versions()}"]
     print("\n".join(header), file=sys.stderr, flush=True)
-    base = dict(model=str(model_dir), data=str(data_file), work=str(work), device=device, G=G, C=C,
+    base = dict(model=str(model_dir), data=str(data_file), work=str(work), device=device, dtype=dtype, G=G, C=C,
                 micro=args.micro_batch_size, steps=args.steps, gc=args.gradient_checkpointing, lora_r=args.lora_r,
                 lora_alpha=args.lora_alpha, beta=args.beta, optim_full=args.optim_full, max_pixels=max_pixels,
                 chunk=args.logprob_chunk_size, seed=args.seed)
-    results = {"machine": machine, "versions": versions(), "args": vars(args), "P": P, "patches": patches,
-               "counts": counts, "ours": [], "options": {}, "trl": []}
+    results = {"machine": machine, "versions": versions(), "args": vars(args), "dtype": dtype, "P": P,
+               "patches": patches, "image_tokens": image_tokens, "t_build": t_build, "counts": counts, "ours": [], "options": {}, "trl": []}
 
     # The tables are printed at the end (in-process runs print their own logs meanwhile); each row
     # also goes to stderr as soon as it is measured.

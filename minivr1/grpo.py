@@ -117,6 +117,39 @@ def selective_log_softmax(logits: Tensor, targets: Tensor) -> Tensor:
     return logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
+class _LogSoftmaxAt(torch.autograd.Function):
+    """logp_i = log softmax(logits_i / T)[target_i] for one chunk of rows, with a one-buffer backward.
+
+    Forward:   logp_i = z_i,y_i - lse_i,   z = logits / T (fp32),  lse_i = log sum_j exp(z_ij)
+    Backward:  d logp_i / d logits_ij = (1[j = y_i] - softmax(z_i)_j) / T
+    so grad_logits = (onehot - softmax) * grad_logp / T, built in ONE [chunk, V] fp32 buffer in place
+    (autograd's log_softmax + gather + division would hold ~4 such tensors at once).
+    logits: [chunk, V] in the LM head's dtype; targets: [chunk]; returns [chunk] fp32.
+    Saves only the logits (the caller's tensor, no copy) and lse [chunk].
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, temperature: float) -> Tensor:
+        z = logits.to(torch.float32, copy=True).div_(temperature)                  # (chunk, V), the buffer
+        z_target = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)                 # (chunk,)
+        z_max = z.amax(dim=-1, keepdim=True)                                       # logsumexp in place:
+        lse = z.sub_(z_max).exp_().sum(dim=-1).log_() + z_max.squeeze(-1)         # no second buffer
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.temperature = temperature
+        return z_target - lse
+
+    @staticmethod
+    def backward(ctx, grad_logp: Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        T, dtype = ctx.temperature, logits.dtype
+        g = logits.to(torch.float32, copy=True)                                    # (chunk, V), the buffer
+        del logits                      # under the checkpoint this frees the recomputed logits early
+        g.div_(T).sub_(lse.unsqueeze(-1)).exp_()                                   # softmax(z)
+        scale = (grad_logp / T).unsqueeze(-1)                                      # (chunk, 1)
+        g.mul_(-scale).scatter_add_(-1, targets.unsqueeze(-1), scale)              # (onehot - softmax) * grad / T
+        return g.to(dtype), None, None
+
+
 def token_logprobs(
     hidden: Tensor,
     lm_head: Callable[[Tensor], Tensor],
@@ -136,17 +169,20 @@ def token_logprobs(
     Memory (docs/pitfalls.md #9): full logits are N x V floats (V = 152K for Qwen), so we compute
     chunk_size rows at a time, upcast only that chunk to fp32, and keep just the [chunk] result.
     Under autograd each chunk runs inside a non-reentrant checkpoint, so its logits are
-    recomputed in backward instead of saved: peak ~ one chunk's [chunk, V] fp32 logits.
-    Gradients reach `hidden` and lm_head's parameters (non-reentrant checkpoint tracks
-    parameters used inside the function, not only its inputs).
+    recomputed in backward instead of saved, and the log-softmax has the hand-written backward
+    of `_LogSoftmaxAt` (one fp32 buffer): peak ~1.5-2 chunks of [chunk, V] fp32 logits, measured
+    in bench/bench_logprob_memory.py. The LM head itself is called as a module and autograd
+    backpropagates through it (grad_hidden = g @ W, grad_W = g^T @ h, grad_bias = sum of g):
+    whatever the head is (a Linear with or without bias, tied to the embeddings, wrapped by peft,
+    sharded by FSDP / DeepSpeed, whose hooks fire on the call), its trainable parameters get
+    their gradient and frozen ones get none.
     """
     lead_shape = targets.shape
     hidden = hidden.reshape(-1, hidden.shape[-1])                  # (N, H)
     targets = targets.reshape(-1)                                  # (N,)
 
     def chunk_logp(h: Tensor, tgt: Tensor) -> Tensor:
-        logits = lm_head(h).float() / temperature                  # (chunk, V) fp32
-        return logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
+        return _LogSoftmaxAt.apply(lm_head(h), tgt, temperature)   # (chunk,) fp32
 
     use_ckpt = torch.is_grad_enabled()  # in no_grad (rollout, reference) nothing is saved anyway
     out = []

@@ -10,7 +10,8 @@ Sizes:
     tiny      ~0.3M params: unit tests
     small     ~4M params: demos, the toy task's runs, CPU benchmarks
     3b, 7b    the real Qwen2.5-VL-3B/7B architectures (real vocabulary size, random weights) for
-              GPU memory and speed measurements; too big for a CPU.
+              GPU memory and speed measurements; on a 24 GiB CPU machine only 3b, in bf16
+              (`pytest -m realsize`).
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end at tiny sizes on a CPU and print their tables (the real
 measurements are in docs/benchmarks.md): bench/bench_logprob_memory.py --quick (small V and N, each
-configuration in its own subprocess) and bench/bench_gpu_step.py on the tiny model with a CPU."""
+configuration in its own subprocess) and at one medium size where its memory bound is checked, and
+bench/bench_gpu_step.py on the tiny model with a CPU."""
 import json
 import os
 import re
@@ -35,12 +36,25 @@ def test_logprob_memory_quick(tmp_path):
     out = run(["bench/bench_logprob_memory.py", "--quick", "--threads", "1", "--json", tmp_path / "r.json"])
     rows = table_rows(out, "sequences x tokens")
     assert [r[0] for r in rows] == ["1 x 64", "4 x 128"]
-    for r in rows:                                    # ours, plain: "<memory> MiB|GiB, <seconds> s"; then ratio
-        assert all(re.fullmatch(r"\d+(\.\d+)? (MiB|GiB), \d+\.\d s", c) for c in r[3:5]), r
-        assert re.fullmatch(r"\d+\.\dx", r[5]), r
+    for r in rows:      # ours, checkpointed, plain: "<memory> MiB|GiB, <CPU seconds> s"; two memory ratios;
+        assert all(re.fullmatch(r"\d+(\.\d+)? (MiB|GiB), \d+\.\d s", c) for c in r[3:6]), r
+        assert all(re.fullmatch(r"\d+\.\dx", c) for c in r[6:8]), r
+        assert all(re.fullmatch(r"\d+\.\d\d|-", c) for c in r[8:11]), r     # three CPU-time ratios
     results = json.loads((tmp_path / "r.json").read_text())
-    assert {r["method"] for r in results} == {"ours", "plain"}
+    assert {r["method"] for r in results} == {"ours", "checkpointed", "plain"}
     assert all(r["status"] == "ok" and r["finite"] and r["peak_reset"] for r in results)
+
+
+def test_logprob_memory_is_under_two_and_a_half_chunks(tmp_path):
+    """The hand-written backward's working memory stays <= 2.5 chunks of fp32 logits, where the previous
+    checkpointed version needed ~4 (chunk 512 x V 32768: one chunk = 64 MiB, well above malloc's noise)."""
+    out = run(["bench/bench_logprob_memory.py", "--vocab", 32768, "--hidden", 64, "--configs", "1x2048",
+               "--chunk_sizes", 512, "--methods", "ours,checkpointed", "--threads", 1, "--json", tmp_path / "r.json"])
+    chunk = 512 * 32768 * 4
+    extra = {r["method"]: r["extra"] / chunk for r in json.loads((tmp_path / "r.json").read_text())}
+    print(out, extra)
+    assert extra["ours"] <= 2.5
+    assert extra["checkpointed"] >= 3.5          # the measurement can see the difference
 
 
 def test_gpu_step_runs_tiny_on_cpu(tmp_path):
@@ -56,3 +70,15 @@ def test_gpu_step_runs_tiny_on_cpu(tmp_path):
     results = json.loads((tmp_path / "r.json").read_text())
     assert all(r["status"] == "ok" and r["update_flops"] > 0 for r in results["ours"])
     assert results["P"] > results["patches"] // 4 > 0          # the prompt holds the image's tokens
+
+
+def test_gpu_step_dtype_flag_on_cpu(tmp_path):
+    """--dtype bf16 on a CPU (what lets the 3B architecture fit: tests/test_realsize.py): the checkpoint is
+    built and trained in bf16."""
+    run(["bench/bench_gpu_step.py", "--size", "tiny", "--device", "cpu", "--dtype", "bf16", "--completion_length", 4,
+         "--group_size", 2, "--image_size", 56, "--modes", "lora", "--rollout_options", "", "--work_dir", tmp_path,
+         "--json", tmp_path / "r.json"])
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["dtype"] == "bf16" and [r["status"] for r in results["ours"]] == ["ok"]
+    config = json.loads((tmp_path / "model-tiny-cpu-bf16" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"

@@ -1,4 +1,5 @@
-"""Unit tests of minivr1.grpo against hand-computed values (pitfall numbers refer to docs/pitfalls.md)."""
+"""Unit tests of minivr1.grpo against hand-computed values and, for the chunked log-probs, against plain autograd
+(pitfall numbers refer to docs/pitfalls.md)."""
 
 import math
 
@@ -299,3 +300,116 @@ def test_token_logprobs_does_not_save_logits_for_backward():
     assert max(saved, default=0) < chunk * V
     out.sum().backward()
     assert hidden.grad is not None and head.weight.grad is not None
+
+
+def reference_logprobs_and_grads(hidden, head, targets, T, weights, params):
+    """Plain autograd through the previous implementation's math: fp32 upcast, / T, log_softmax, gather."""
+    ref = selective_log_softmax(head(hidden).float() / T, targets)
+    return ref, torch.autograd.grad((ref * weights).sum(), [hidden, *params])
+
+
+@pytest.mark.parametrize("dtype, tol", [
+    (torch.float32, dict(rtol=1.3e-6, atol=1e-5)),
+    # bf16 head: both ways round the same fp32 gradient of the logits to bf16 before the head's matmuls;
+    # what differs is the weight gradient, summed over chunks in bf16 here, in one matmul in the reference
+    (torch.bfloat16, dict(rtol=1.6e-2, atol=1e-2)),
+])
+def test_token_logprobs_gradient_equals_autograd(dtype, tol):
+    """The hand-written backward gives autograd's gradients: several chunks with a ragged last one
+    (23 rows in chunks of 8: 8, 8, 7), temperature != 1, a head with a bias, a non-uniform upstream gradient."""
+    torch.manual_seed(0)
+    N, H, V, T, chunk = 23, 16, 300, 0.6, 8
+    head = torch.nn.Linear(H, V, dtype=dtype)
+    hidden = (3 * torch.randn(N, H)).to(dtype).requires_grad_()    # logits of a few units: peaked softmaxes
+    targets = torch.randint(0, V, (N,))
+    weights = torch.randn(N)
+    params = [head.weight, head.bias]
+    ref, ref_grads = reference_logprobs_and_grads(hidden, head, targets, T, weights, params)
+
+    out = token_logprobs(hidden, head, targets, temperature=T, chunk_size=chunk)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1.3e-6, atol=1e-5)   # fp32 arithmetic on the same logits
+    grads = torch.autograd.grad((out * weights).sum(), [hidden, *params])
+    for name, g, rg in zip(["hidden", "weight", "bias"], grads, ref_grads):
+        assert g.dtype == dtype
+        scale = rg.float().abs().max()
+        torch.testing.assert_close(g.float() / scale, rg.float() / scale, **tol, msg=lambda m: f"{name}: {m}")
+
+
+def test_token_logprobs_gradient_hand_computed():
+    """One row, V = 3, T = 2, no bias: logits z = W h = [2, 0, -2] / T = [1, 0, -1]; target 0.
+    softmax = e^[1,0,-1] / (e + 1 + 1/e) = [0.6652, 0.2447, 0.0900];
+    d logp / d logits = (onehot - softmax) / T = [0.1674, -0.1224, -0.0450];
+    grad_h = that @ W, grad_W = that^T h."""
+    head = torch.nn.Linear(1, 3, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0], [0.0], [-1.0]]))
+    hidden = torch.tensor([[2.0]], requires_grad=True)
+    out = token_logprobs(hidden, head, torch.tensor([0]), temperature=2.0)
+    p = torch.tensor([math.e, 1.0, 1 / math.e]) / (math.e + 1 + 1 / math.e)
+    torch.testing.assert_close(out, torch.log(p[:1]))
+    out.sum().backward()
+    d_logits = (torch.tensor([1.0, 0.0, 0.0]) - p) / 2.0
+    torch.testing.assert_close(head.weight.grad, d_logits.view(3, 1) * 2.0)
+    torch.testing.assert_close(hidden.grad, (d_logits @ head.weight.detach()).view(1, 1))
+
+
+def test_token_logprobs_frozen_head_gets_no_gradient():
+    """LoRA leaves the LM head frozen: no weight gradient, the hidden states' gradient unchanged."""
+    torch.manual_seed(0)
+    N, H, V, T = 10, 8, 50, 1.3
+    head = torch.nn.Linear(H, V, bias=False).requires_grad_(False)
+    hidden = torch.randn(N, H, requires_grad=True)
+    targets, weights = torch.randint(0, V, (N,)), torch.randn(N)
+    _, (ref_grad,) = reference_logprobs_and_grads(hidden, head, targets, T, weights, [])
+    (token_logprobs(hidden, head, targets, T, chunk_size=4) * weights).sum().backward()
+    assert head.weight.grad is None
+    torch.testing.assert_close(hidden.grad, ref_grad)
+
+
+def test_token_logprobs_tied_head_gets_both_gradients():
+    """A head tied to the input embeddings (Qwen2.5-VL-3B): its weight gets the embedding's gradient
+    plus the log-probs' gradient, as with plain autograd."""
+    torch.manual_seed(0)
+    N, H, V, T = 10, 8, 50, 0.7
+    embed = torch.nn.Embedding(V, H)
+    head = torch.nn.Linear(H, V, bias=False)
+    head.weight = embed.weight
+    ids, targets, weights = torch.randint(0, V, (N,)), torch.randint(0, V, (N,)), torch.randn(N)
+
+    def loss(logprobs):
+        hidden = torch.tanh(embed(ids))
+        return (logprobs(hidden) * weights).sum()
+
+    ref_grad, = torch.autograd.grad(loss(lambda h: selective_log_softmax(head(h).float() / T, targets)), [embed.weight])
+    grad, = torch.autograd.grad(loss(lambda h: token_logprobs(h, head, targets, T, chunk_size=3)), [embed.weight])
+    torch.testing.assert_close(grad, ref_grad)
+
+
+def test_token_logprobs_peft_wrapped_head_trains_its_adapter():
+    """A peft-wrapped head (LoRA on lm_head): the adapter's A and B get autograd's gradients, the frozen
+    base weight none; the head is called as a module, so the wrapper's own forward runs."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    N, H, V, T = 10, 8, 50, 0.7
+
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm_head = torch.nn.Linear(H, V)
+
+        def forward(self, h):
+            return self.lm_head(h)
+
+    model = get_peft_model(LM(), LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"], init_lora_weights=False))
+    head = model.base_model.model.lm_head
+    adapter = [p for n, p in head.named_parameters() if "lora_" in n]
+    assert len(adapter) == 2 and not head.base_layer.weight.requires_grad
+    hidden = torch.randn(N, H, requires_grad=True)
+    targets, weights = torch.randint(0, V, (N,)), torch.randn(N)
+    _, ref_grads = reference_logprobs_and_grads(hidden, head, targets, T, weights, adapter)
+    (token_logprobs(hidden, head, targets, T, chunk_size=3) * weights).sum().backward()
+    for p, rg in zip([hidden, *adapter], ref_grads):
+        torch.testing.assert_close(p.grad, rg)
+    assert head.base_layer.weight.grad is None

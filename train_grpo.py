@@ -37,6 +37,11 @@ Choices where the paper is silent or departs from it (docs/walkthrough.md explai
    inactive at the update, so the loss value is ~0 while its gradient is the policy gradient.
    With more, the learning-rate schedule (--warmup_steps) counts optimizer steps.
 6. Each process rolls out and scores whole groups; only logging scalars cross processes.
+
+Options beside the paper, all off so that the defaults are the paper's (README "Options beside the paper";
+minivr1/grpo_variants.py): --dynamic_sampling, --overlong_buffer, --mask_truncated_completions, --scale_rewards,
+--loss_aggregation dr_grpo, --importance_sampling_level sequence, --micro_batch_tokens. They are chosen once before
+the loop and called at its seams (the rollout engine, score, the advantage and loss functions, the micro-batching).
 """
 from __future__ import annotations
 

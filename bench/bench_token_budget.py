@@ -42,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompts_per_step", type=int, default=8, help="prompts per step (the toy preset's)")
     p.add_argument("--budgets", default="2048,4096",
                    help="token budgets, comma-separated; each against the fixed count with the same worst case")
+    p.add_argument("--micro_batch_size", type=int, default=0,
+                   help="compare every budget with this fixed count instead (e.g. the toy preset's 32)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (pinned)")
     p.add_argument("--repeats", type=int, default=2, help="runs per variant, alternating the order")
     p.add_argument("--json", default=None, help="also write the results here")
@@ -130,8 +132,11 @@ def main(a) -> None:
     stages = parse_stages(a.stages)
     worst = longest_prompt(a.model, a.data) + max(s.max_completion_length for s in stages)
     # (name, micro_batch_size, micro_batch_tokens) per variant: each budget, and the fixed count with its worst case
+    def fixed(b):
+        return a.micro_batch_size or max(1, b // worst)
     variants = [v for b in map(int, a.budgets.split(",")) for v in
-                [(f"{max(1, b // worst)} completions", max(1, b // worst), 0), (f"{b} tokens, sorted", 8, b)]]
+                [(f"{fixed(b)} completions", fixed(b), 0), (f"{b} tokens, sorted", 8, b)]]
+    variants = list(dict((v[0], v) for v in variants).values())     # one fixed run when --micro_batch_size is given
     base = dict(model=a.model, data=a.data, stages=a.stages, prompts_per_step=a.prompts_per_step)
     results = {v[0]: [] for v in variants}
     for r in range(a.repeats):
@@ -143,13 +148,15 @@ def main(a) -> None:
         return [s for res in results[name] for i, s in enumerate(res["steps"]) if i not in starts]
 
     lines = [f"worst case: longest prompt + longest limit = {worst} tokens a completion", "",
-             "| stage | micro-batching (same worst case) | micro-batches / step | padded tokens / step | t_update wall | "
+             f"| stage | micro-batching{'' if a.micro_batch_size else ' (same worst case)'} | micro-batches / step | "
+             "padded tokens / step | t_update wall | "
              "t_update CPU | CPU, tokens / fixed |", "|---|---|---|---|---|---|---|"]
     for stage in sorted({s["stage"] for s in timed(variants[0][0])}):
         for k, (name, _, budget) in enumerate(variants):
             ss = [s for s in timed(name) if s["stage"] == stage]
             cpu = statistics.mean(s["cpu"] for s in ss)
-            fixed_cpu = statistics.mean(s["cpu"] for s in timed(variants[k - 1][0]) if s["stage"] == stage)
+            fixed_name = next(v[0] for v in variants[k::-1] if not v[2])            # the fixed count before it
+            fixed_cpu = statistics.mean(s["cpu"] for s in timed(fixed_name) if s["stage"] == stage)
             lines.append(f"| {stage} | {name} | {statistics.mean(s['micro_batches'] for s in ss):.1f} | "
                          f"{statistics.mean(s['padded_tokens'] for s in ss):,.0f} | "
                          f"{statistics.mean(s['wall'] for s in ss):.3f} s | {cpu:.3f} s | "

@@ -152,7 +152,7 @@ class GradRecorder(torch.optim.SGD):
 
 
 # micro-batchings of the same 8 completions: a number of rows, or a token budget (--micro_batch_tokens; a row is
-# ~60-85 tokens, prompt + completion, so 200 gives micro-batches of 2-3 rows, 400 of 4-6, sorted by length)
+# ~80-100 tokens, prompt + completion, so 200 gives micro-batches of 2 rows, 400 of 4, sorted by length)
 MICRO = {"seq_mean": [8, 4, 2, "200 tokens", "400 tokens"], "token_mean": [8, 4, 2, "200 tokens"],
          "dr_grpo": [8, 2, "200 tokens"]}
 
@@ -181,7 +181,7 @@ def test_gradient_does_not_depend_on_micro_batching(model_dir, toy_dir, tmp_path
             grads[aggregation, micro] = recorders[-1].grads
             assert len(grads[aggregation, micro]) == 2            # one optimizer step per iteration
     # the token budgets did cut the rollout into several micro-batches of rows that are not consecutive
-    assert all(len(s) >= 3 for s in splits) and any(r != list(range(r[0], r[-1] + 1)) for s in splits for r in s)
+    assert all(len(s) >= 2 for s in splits) and any(r != list(range(r[0], r[-1] + 1)) for s in splits for r in s)
 
     def flat(gs):
         return torch.cat([g.flatten() for g in gs])

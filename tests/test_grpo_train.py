@@ -544,7 +544,7 @@ def test_overlong_penalty_is_added_to_the_reward(model_dir, toy_dir, tmp_path, m
     torch.testing.assert_close(reward, base + penalty)
     from minivr1.cli import UserError
     with pytest.raises(UserError, match="shorter than every stage's completion limit"):    # nothing left before it
-        train_grpo.main(make_args(model_dir, toy_dir, tmp_path / "too_long", stages="48x4:1,24x2:1", overlong_buffer=24))
+        train_grpo.main(make_args(model_dir, toy_dir, tmp_path / "too_long", stages="48x2:1,24x4:1", overlong_buffer=24))
 
 
 def test_mask_truncated_completions_leaves_them_out_of_the_loss(model_dir, toy_dir, tmp_path, monkeypatch):

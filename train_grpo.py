@@ -37,6 +37,11 @@ Choices where the paper is silent or departs from it (docs/walkthrough.md explai
    inactive at the update, so the loss value is ~0 while its gradient is the policy gradient.
    With more, the learning-rate schedule (--warmup_steps) counts optimizer steps.
 6. Each process rolls out and scores whole groups; only logging scalars cross processes.
+
+Options beside the paper, all off so that the defaults are the paper's (README "Options beside the paper";
+minivr1/grpo_variants.py): --dynamic_sampling, --overlong_buffer, --mask_truncated_completions, --scale_rewards,
+--loss_aggregation dr_grpo, --importance_sampling_level sequence, --micro_batch_tokens. They are chosen once before
+the loop and called at its seams (the rollout engine, score, the advantage and loss functions, the micro-batching).
 """
 from __future__ import annotations
 
@@ -44,13 +49,16 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from minivr1 import checkpoint, cli, data, distributed, grader, models, training
+from minivr1 import grpo_variants as variants
 from minivr1.chat import R1_ZERO_SYSTEM_PROMPT
 from minivr1.config import arg, save_args
+from minivr1.dynamic_sampling import DynamicSampling
 from minivr1.grpo import group_advantages, grpo_loss, zero_variance_fraction
 from minivr1.policy import Reference, TokenLogprobs, completion_logprobs
 from minivr1.rollout import make_engine
@@ -83,13 +91,30 @@ class Args:
     beta: float = arg(0.01, "KL coefficient (paper: 1e-2); 0 = no reference model")
     epsilon: float = arg(0.2, "clip range: rho in [1-epsilon, 1+epsilon_high] (paper: 0.2)")
     epsilon_high: float | None = arg(None, "upper clip (DAPO's clip-higher); default: epsilon")
-    loss_aggregation: str = arg("seq_mean", "seq_mean (the paper's) or token_mean (EasyR1/DAPO)", choices=["seq_mean", "token_mean"])
+    loss_aggregation: str = arg("seq_mean", "seq_mean (the paper's), token_mean (EasyR1/DAPO), or dr_grpo (Dr.GRPO: "
+                                            "token sum / (completions x max length)); TRL's loss_type grpo/dapo/dr_grpo",
+                                choices=["seq_mean", "token_mean", "dr_grpo"])
+    scale_rewards: str = arg("group", "advantage scale: group std (the paper's), batch std, or none (Dr.GRPO)",
+                             choices=["group", "batch", "none"])
+    importance_sampling_level: str = arg("token", "ratio per token (the paper's) or per sequence (GSPO: length-normalised "
+                                                  "sequence ratio; set its clip range with --epsilon/--epsilon_high)",
+                                         choices=["token", "sequence"])
+    mask_truncated_completions: bool = arg(False, "leave completions cut off at the length limit out of the loss (DAPO)")
+    overlong_buffer: int = arg(0, "DAPO's soft overlong punishment: a penalty growing linearly to -overlong_penalty_factor "
+                                  "over the last N tokens before the stage's limit, added to the reward (0 = off)")
+    overlong_penalty_factor: float = arg(1.0, "the overlong penalty at the limit (DAPO: 1.0)")
+    dynamic_sampling: bool = arg(False, "DAPO: train only on groups whose rewards differ, sampling more prompts to fill "
+                                        "the step (each process its own share)")
+    max_extra_rollouts: int = arg(4, "dynamic sampling: at most this many extra rollouts of a batch of prompts per step; "
+                                     "then the step is filled with dropped groups")
     reward: str = arg("hfrrf", "hfrrf, zero (format + result 1:1), format, accuracy, or 'module:function'")
     temperature: float = arg(1.0, "sampling temperature; log-probs are computed at the same temperature")
     top_p: float = arg(1.0, "nucleus sampling (1.0 = off; anything else biases the ratio)")
     # ---- batches and optimisation
     prompts_per_step: int = arg(8, "PROMPTS per step over all processes (completions = this x G)")
     micro_batch_size: int = arg(8, "COMPLETIONS per forward/backward pass on each process")
+    micro_batch_tokens: int = arg(0, "if > 0: micro-batches by padded TOKENS (prompt + completion) per forward/backward "
+                                     "pass instead of micro_batch_size, completions sorted by length")
     num_iterations: int = arg(1, "policy updates per rollout (mu); >1 makes the ratio and clip active")
     learning_rate: float = arg(1e-6, "constant learning rate after warmup (EasyR1's default; the paper does not say)")
     warmup_steps: int = arg(0, "linear warmup, in optimizer steps (num_iterations per rollout step)")
@@ -118,6 +143,9 @@ def main(args: Args) -> Path:
     if args.prompts_per_step % world:
         raise cli.UserError(f"--prompts_per_step {args.prompts_per_step} must divide by the {world} processes: "
                             "each owns whole groups")
+    if args.overlong_buffer >= min(s.max_completion_length for s in stages):
+        raise cli.UserError(f"--overlong_buffer {args.overlong_buffer} must be shorter than every stage's completion "
+                            f"limit ({', '.join(str(s) for s in stages)})")
     # The same seed on every process while the model is built: a new LoRA's random init must be the same
     # everywhere (FSDP2 shards each process's own copy; only DDP and DeepSpeed broadcast rank 0's).
     torch.manual_seed(args.seed)
@@ -133,7 +161,7 @@ def main(args: Args) -> Path:
                                args.lora_r, args.lora_alpha, lora_dropout=0.0, trust_remote_code=args.trust_remote_code)
     training.disable_dropout(model)
     share_prompt = args.rollout == "shared_prefix" and distributed.share_prompt_forward(accelerator, args.gradient_checkpointing)
-    policy = TokenLogprobs(model, args.logprob_chunk_size, share_prompt)
+    policy = TokenLogprobs(model, args.logprob_chunk_size, share_prompt, trim_padding=args.micro_batch_tokens > 0)
     optimizer = training.build_optimizer(policy, args.learning_rate, args.weight_decay, args.optim)
     scheduler = training.warmup_schedule(optimizer, args.warmup_steps)
     policy, optimizer = accelerator.prepare(policy, optimizer)
@@ -144,10 +172,24 @@ def main(args: Args) -> Path:
         # does not hold the whole model to copy.
         frozen = distributed.prepare_reference(accelerator, TokenLogprobs(
             models.load_policy(args.model, "full", args.dtype, trust_remote_code=args.trust_remote_code),
-            args.logprob_chunk_size, share_prompt))
+            args.logprob_chunk_size, share_prompt, trim_padding=args.micro_batch_tokens > 0))
     reference = Reference(policy, frozen, adapter_model=accelerator.unwrap_model(policy).model)
     engine = make_engine(args.rollout, accelerator.unwrap_model(policy).model, processor, args.temperature, args.top_p,
                          system_prompt, synced_gpus=distributed.generation_synced(accelerator))
+
+    # Options beside the paper's defaults, each off unless asked for (README "Options beside the paper";
+    # minivr1/grpo_variants.py): chosen once here, called by the loop at its seams.
+    overlong = partial(variants.overlong_penalty, buffer=args.overlong_buffer, factor=args.overlong_penalty_factor)
+    advantages = group_advantages if args.scale_rewards == "group" else partial(
+        variants.scaled_advantages, scale_rewards=args.scale_rewards, global_sums=partial(distributed.global_sums, accelerator))
+    loss_fn = grpo_loss if args.importance_sampling_level == "token" else variants.gspo_loss
+    loss_mask = variants.mask_truncated if args.mask_truncated_completions else lambda mask, truncated: mask
+    micro_batches = partial(token_budget_micro_batches, accelerator, budget=args.micro_batch_tokens) \
+        if args.micro_batch_tokens else lambda ro: training.micro_batches(len(ro.texts), args.micro_batch_size)
+    if args.dynamic_sampling:
+        engine = DynamicSampling(engine, lambda r, probs, g, length: score(reward_fn, r, probs, g, length, overlong)["reward"],
+                                 problems, args.max_extra_rollouts, processor.tokenizer.pad_token_id,
+                                 partial(distributed.any_process, accelerator), args.seed)
 
     # Sampling draws from torch's global RNG: seed it per process, so ranks sample independently (rank 0
     # goes on from where the model build left the stream); a resume restores the saved RNG states.
@@ -178,35 +220,35 @@ def main(args: Args) -> Path:
         # 2. rollout: G completions per prompt, sampled by the current policy
         with distributed.whole_parameters(accelerator, policy):
             ro = engine.generate(batch, G, L)
+        batch = ro.problems or batch            # --dynamic_sampling: other prompts' groups replace uninformative ones
         t_rollout = time.time() - t0
 
-        # 3. rewards: pure functions of each completion's text; 4. group-normalised advantages
-        scores = score(reward_fn, ro.texts, batch, G)
+        # 3. rewards: pure functions of each completion's text (+ --overlong_buffer's length penalty, 0 by default);
+        # 4. group-normalised advantages
+        scores = score(reward_fn, ro, batch, G, L, overlong)
         training.check_finite("reward", scores["reward"], step + 1, out)
-        adv = group_advantages(scores["reward"], G).to(accelerator.device)
+        adv = advantages(scores["reward"], G).to(accelerator.device)
 
-        # 5. old-policy and reference log-probs, once per rollout, before any update
-        S, micro = len(ro.texts), training.micro_batches(len(ro.texts), args.micro_batch_size)
-        old_logp = torch.cat([completion_logprobs(policy, ro, rows, temperature=args.temperature, grad=False)
-                              for rows in micro]) if args.num_iterations > 1 else None
-        ref_logp = torch.cat([reference.logprobs(ro, rows, temperature=args.temperature)
-                              for rows in micro]) if args.beta > 0 else None
+        # 5. old-policy and reference log-probs, once per rollout, before any update (per micro-batch)
+        S, micro, mask = len(ro.texts), micro_batches(ro), loss_mask(ro.completion_mask, ro.truncated)
+        old_logp = [completion_logprobs(policy, ro, rows, temperature=args.temperature, grad=False)
+                    for rows in micro] if args.num_iterations > 1 else None
+        ref_logp = [reference.logprobs(ro, rows, temperature=args.temperature) for rows in micro] if args.beta > 0 else None
 
         # 6-7. the loss over micro-batches, num_iterations optimizer steps. Its denominators count the whole
         # batch (every micro-batch, every process), so the gradient does not depend on how it is split.
-        total = distributed.global_sums(accelerator, {"seqs": S, "tokens": ro.completion_mask.sum()})
+        total = variants.loss_normalisers(args.loss_aggregation, max_len=L, **distributed.global_sums(
+            accelerator, {"total_seqs": S, "total_tokens": mask.sum()}))
         sums = {"loss": 0.0, "grad_norm": 0.0, "updates": 0}
         for _ in range(args.num_iterations):
             distributed.start_accumulation(accelerator, len(micro))
             loss_scale = distributed.global_loss_scale(accelerator)
-            for rows in micro:
+            for i, rows in enumerate(micro):
                 with accelerator.accumulate(policy):
                     logp = completion_logprobs(policy, ro, rows, temperature=args.temperature, grad=True)
-                    loss, stats = grpo_loss(logp, old_logp[rows] if old_logp is not None else logp.detach(),
-                                            ref_logp[rows] if ref_logp is not None else None, adv[rows],
-                                            ro.completion_mask[rows], eps_low=args.epsilon, eps_high=args.epsilon_high,
-                                            beta=args.beta, aggregation=args.loss_aggregation,
-                                            total_seqs=total["seqs"], total_tokens=total["tokens"])
+                    loss, stats = loss_fn(logp, old_logp[i] if old_logp is not None else logp.detach(),
+                                          ref_logp[i] if ref_logp is not None else None, adv[rows], mask[rows],
+                                          eps_low=args.epsilon, eps_high=args.epsilon_high, beta=args.beta, **total)
                     training.check_finite("loss", loss.detach(), step + 1, out)
                     accelerator.backward(loss * loss_scale)
                     grad_norm = training.optimizer_step(accelerator, policy, optimizer, args.max_grad_norm, step + 1, out)
@@ -222,7 +264,8 @@ def main(args: Args) -> Path:
         lengths = ro.completion_mask.sum(1).float()
         sums.update(completions=S, groups=len(batch), reward=scores["reward"].sum(), reward_sq=(scores["reward"] ** 2).sum(),
                     correct=scores["correct"].sum(), format=scores["format"].sum(), completion_tokens=lengths.sum(),
-                    truncated=ro.truncated.sum(), zero_var_groups=zero_variance_fraction(scores["reward"], G) * len(batch))
+                    truncated=ro.truncated.sum(), zero_var_groups=zero_variance_fraction(scores["reward"], G) * len(batch),
+                    **ro.sampling)
         t = distributed.global_sums(accelerator, sums, maxima={"len_max": lengths.max()})
         metrics = {"stage": stage_idx + 1, **step_metrics(t), "lr": scheduler.get_last_lr()[0],
                    "t_rollout": t_rollout, "t_update": t_update,
@@ -253,13 +296,24 @@ def main(args: Args) -> Path:
     return out / "final" if finished else out
 
 
-def score(reward_fn, texts: list[str], problems: list, G: int) -> dict[str, torch.Tensor]:
-    """Each completion's reward, and (for the log) whether its answer is right and its format exact:
-    [len(texts)] tensors; completion i answers problems[i // G]."""
-    golds = [p for p in problems for _ in range(G)]
-    return {"reward": torch.tensor([float(reward_fn(t, p.answer, **p.grading_meta())) for t, p in zip(texts, golds)]),
+def score(reward_fn, ro, problems: list, G: int, L: int, overlong) -> dict[str, torch.Tensor]:
+    """Each completion's reward, and (for the log) whether its answer is right and its format exact: [N] tensors;
+    completion i answers problems[i // G]. The reward adds overlong(lengths, L), the --overlong_buffer penalty
+    (grpo_variants.overlong_penalty: zeros when off)."""
+    texts, golds = ro.texts, [p for p in problems for _ in range(G)]
+    return {"reward": torch.tensor([float(reward_fn(t, p.answer, **p.grading_meta())) for t, p in zip(texts, golds)])
+            + overlong(ro.completion_mask.sum(1), L),
             "correct": torch.tensor([grader.accuracy_reward(t, p.answer, **p.grading_meta()) for t, p in zip(texts, golds)]),
             "format": torch.tensor([grader.format_reward(t) for t in texts])}
+
+
+def token_budget_micro_batches(accelerator, ro, budget: int) -> list[list[int]]:
+    """--micro_batch_tokens: the rollout's micro-batches by padded token count (training.token_budget_micro_batches),
+    as many on every process as on the one that needs most (DDP needs the same number of backward passes)."""
+    lengths = ro.prompt_mask.sum(1).tolist(), ro.completion_mask.sum(1).tolist()
+    count = distributed.global_sums(accelerator, {}, maxima={"count": len(training.token_budget_micro_batches(
+        *lengths, budget))})["count"]
+    return training.token_budget_micro_batches(*lengths, budget, count=int(count))
 
 
 def step_metrics(t: dict) -> dict:
@@ -271,7 +325,8 @@ def step_metrics(t: dict) -> dict:
             "len_max": t["len_max"], "truncated": t["truncated"] / n, "zero_var": t["zero_var_groups"] / t["groups"],
             "kl": t["kl_sum"] / tokens, "clip": t["clipped_tokens"] / tokens, "ratio": t["ratio_sum"] / tokens,
             "approx_kl": t["approx_kl_sum"] / tokens, "loss": t["loss"],
-            "grad_norm": t["grad_norm"] / t["updates"]}      # each process adds the same norm: the mean of the updates
+            "grad_norm": t["grad_norm"] / t["updates"],      # each process adds the same norm: the mean of the updates
+            **{k: t[k] for k in ("sampled_groups", "dropped_groups") if k in t}}     # --dynamic_sampling
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ are the stages; these are what they call):
 
   the GRPO algorithm
     grpo           the GRPO math as pure tensor functions: advantages, k3 KL, chunked token log-probs, the loss
+    grpo_variants  options beside the paper (off by default): DAPO's overlong shaping, Dr.GRPO, GSPO, batch std
+    dynamic_sampling  DAPO's dynamic sampling, a rollout engine around another
     stages         PTST stages as data: "LENxG:STEPS,..."
     rollout        sampling completions; the rollout-engine seam and its reference engine (model.generate)
     shared_prompt  speed-ups: a group's shared prompt encoded once (rollout engine and log-prob forward)

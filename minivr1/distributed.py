@@ -175,10 +175,11 @@ def clip_gradients(accelerator, model, max_norm: float) -> float | None:
 
 def global_sums(accelerator, values: dict[str, float], maxima: dict[str, float] | None = None) -> dict[str, float]:
     """`values` added over all processes (and `maxima` maxed), in one collective each."""
-    keys = sorted(values)
-    sums = accelerator.reduce(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
-                                           device=accelerator.device), "sum")
-    out = dict(zip(keys, sums.tolist()))
+    keys, out = sorted(values), {}
+    if keys:
+        sums = accelerator.reduce(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
+                                               device=accelerator.device), "sum")
+        out.update(zip(keys, sums.tolist()))
     if maxima:
         keys = sorted(maxima)
         highs = accelerator.reduce(torch.tensor([float(maxima[k]) for k in keys], dtype=torch.float64,

@@ -27,11 +27,14 @@ from minivr1.models import unwrap_peft
 
 
 class TokenLogprobs(nn.Module):
-    def __init__(self, model, chunk_size: int = 1024, share_prompt: bool = False):
+    def __init__(self, model, chunk_size: int = 1024, share_prompt: bool = False, trim_padding: bool = False):
         super().__init__()
         self.model = model                    # the HF model, possibly wrapped by peft
         self.chunk_size = chunk_size
         self.share_prompt = share_prompt      # run a group's shared prompt once (see forward)
+        # drop the columns that are padding in every row first (see forward); off by default, where it would change
+        # no number but the float rounding of a batch of another width
+        self.trim_padding = trim_padding
 
     def forward(self, input_ids, attention_mask, score_mask, pixel_values=None, image_grid_thw=None,
                 mm_token_type_ids=None, temperature: float = 1.0, prompt_len: int = 0,
@@ -49,7 +52,18 @@ class TokenLogprobs(nn.Module):
         each GROUP's images once (images_per_group[k] images for group k). With `share_prompt`
         each group's prompt runs once (minivr1/shared_prompt.py); otherwise the images are
         repeated for every row and the plain forward runs.
+
+        trim_padding: the leading and trailing columns that no row attends to are dropped before the
+        forward, so a micro-batch of short completions (--micro_batch_tokens sorts them together) runs
+        at its own width, not the rollout's. Positions come from the attention mask, so the scored
+        tokens and their order are the same.
         """
+        if self.trim_padding:
+            live = attention_mask.bool().any(0).nonzero()
+            first, end = int(live[0]), int(live[-1]) + 1
+            input_ids, attention_mask, score_mask = (x[:, first:end] for x in (input_ids, attention_mask, score_mask))
+            mm_token_type_ids = None if mm_token_type_ids is None else mm_token_type_ids[:, first:end]
+            prompt_len = max(0, prompt_len - first)
         hf = unwrap_peft(self.model)
         if group_sizes is not None and self.share_prompt:
             from minivr1.shared_prompt import shared_prompt_hidden
@@ -69,7 +83,7 @@ class TokenLogprobs(nn.Module):
 
 
 def completion_logprobs(policy, rollout, rows: list[int], *, temperature: float, grad: bool) -> torch.Tensor:
-    """log pi(o_t | q, o_<t) of the completion tokens of rollout rows `rows` (a contiguous range):
+    """log pi(o_t | q, o_<t) of the completion tokens of rollout rows `rows` (ascending: see Rollout.forward_inputs):
     [len(rows), C], zeros at padding. A teacher-forced forward of prompt + completion through
     `policy` (the prepared TokenLogprobs), at the sampling temperature."""
     inputs = rollout.forward_inputs(rows)

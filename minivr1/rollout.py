@@ -40,13 +40,16 @@ class Rollout:
     group_size: int = 1               # G
     images: dict = field(default_factory=dict)   # pixel_values, image_grid_thw of each PROMPT, once
     images_per_prompt: list[int] = field(default_factory=list)
+    problems: list | None = None      # the problems of the groups, when the engine chose them (--dynamic_sampling)
+    sampling: dict = field(default_factory=dict)  # counts the engine reports for the step's log (summed over processes)
 
     def forward_inputs(self, rows: list[int]) -> dict:
-        """The teacher-forced forward's inputs for the contiguous rows `rows`: prompt + completion
-        tokens, `score_mask` on the completion tokens, and the images of each prompt the rows
-        belong to once, with `group_sizes` (how many of the rows share each of those prompts)."""
-        if rows != list(range(rows[0], rows[-1] + 1)):
-            raise ValueError(f"rows must be a contiguous range, got {rows}")
+        """The teacher-forced forward's inputs for rows `rows` (ascending, so each group's rows are
+        consecutive; e.g. a contiguous range): prompt + completion tokens, `score_mask` on the
+        completion tokens, and the images of each prompt the rows belong to once, with `group_sizes`
+        (how many of the rows share each of those prompts)."""
+        if any(a >= b for a, b in zip(rows, rows[1:])):
+            raise ValueError(f"rows must be in ascending order, got {rows}")
         G = self.group_size
         prompts = sorted({r // G for r in rows})
         out = {"input_ids": torch.cat([self.prompt_ids[rows], self.completion_ids[rows]], 1),
@@ -60,6 +63,37 @@ class Rollout:
             from minivr1.chat import select_sequences
             out.update(select_sequences(self.images, prompts, self.images_per_prompt))
         return out
+
+    def groups(self, idx: list[int]) -> "Rollout":
+        """The rollout of groups `idx`, in that order: their G rows each, their prompts' images."""
+        from minivr1.chat import select_sequences
+
+        G = self.group_size
+        rows = [k * G + j for k in idx for j in range(G)]
+        return Rollout(self.prompt_ids[rows], self.prompt_mask[rows],
+                       None if self.prompt_types is None else self.prompt_types[rows], self.completion_ids[rows],
+                       self.completion_mask[rows], self.truncated[rows], [self.texts[r] for r in rows], G,
+                       select_sequences(self.images, idx, self.images_per_prompt) if self.images else {},
+                       [self.images_per_prompt[k] for k in idx] if self.images_per_prompt else [])
+
+    @staticmethod
+    def cat(parts: list["Rollout"], pad_id: int) -> "Rollout":
+        """The groups of `parts` (same G) as one rollout, in order: prompts left-padded and completions
+        right-padded to the widest (padding is masked: the forward's numbers do not depend on it)."""
+        P = max(p.prompt_ids.shape[1] for p in parts)
+        C = max(p.completion_ids.shape[1] for p in parts)
+
+        def pad(key, width, value, left):
+            xs = [getattr(p, key) for p in parts]
+            return torch.cat([torch.nn.functional.pad(x, (width - x.shape[1], 0) if left else (0, width - x.shape[1]),
+                                                      value=value) for x in xs])
+
+        images = {k: torch.cat([p.images[k] for p in parts]) for k in parts[0].images}
+        return Rollout(pad("prompt_ids", P, pad_id, True), pad("prompt_mask", P, 0, True),
+                       None if parts[0].prompt_types is None else pad("prompt_types", P, 0, True),
+                       pad("completion_ids", C, pad_id, False), pad("completion_mask", C, 0, False),
+                       torch.cat([p.truncated for p in parts]), [t for p in parts for t in p.texts],
+                       parts[0].group_size, images, [n for p in parts for n in p.images_per_prompt])
 
 
 def vision_token_ids(tokenizer) -> list[int]:

@@ -140,6 +140,41 @@ def micro_batches(n: int, size: int) -> list[list[int]]:
     return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
 
 
+def token_budget_micro_batches(prompt_lens: list[int], completion_lens: list[int], budget: int,
+                               count: int = 0) -> list[list[int]]:
+    """Micro-batches by padded token count instead of a number of rows (EasyR1's `dynamic_batching`, verl's
+    `use_dynamic_bsz`): rows sorted longest first (prompt + completion tokens) and cut into runs whose padded
+    size, rows x (longest prompt + longest completion of the run), stays within `budget` tokens; a row longer
+    than the budget gets a micro-batch of its own. So a few completions at the limit share a micro-batch and
+    the many short ones run together at their own width (policy.TokenLogprobs(trim_padding=True)), instead of
+    every micro-batch padded to the longest row of the step.
+
+    Then, while there are fewer than `count` micro-batches, the costliest one with 2+ rows is halved: every
+    process must run the same number of forward/backward passes per step (DDP hangs otherwise, docs/pitfalls.md
+    #16), so the caller passes the largest count over processes. Each micro-batch lists its rows in ascending
+    order, so a group's rows stay consecutive (the shared-prompt forward needs it); a group may span several
+    micro-batches. The gradient does not depend on the split (the loss's denominators are the whole batch's).
+    """
+    if count > len(prompt_lens):
+        raise ValueError(f"cannot split {len(prompt_lens)} rows into {count} micro-batches")
+    order = sorted(range(len(prompt_lens)), key=lambda i: -(prompt_lens[i] + completion_lens[i]))
+
+    def cost(run):
+        return len(run) * (max(prompt_lens[i] for i in run) + max(completion_lens[i] for i in run))
+
+    runs: list[list[int]] = []
+    for i in order:
+        if runs and cost(runs[-1] + [i]) <= budget:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    while len(runs) < count:
+        k = max((k for k, run in enumerate(runs) if len(run) > 1), key=lambda k: cost(runs[k]))
+        run = runs[k]
+        runs[k:k + 1] = [run[:len(run) // 2], run[len(run) // 2:]]
+    return [sorted(run) for run in runs]
+
+
 def warmup_schedule(optimizer, warmup_steps: int):
     """Linear warmup over `warmup_steps` optimizer steps, then the constant learning rate."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))

@@ -82,3 +82,19 @@ def test_gpu_step_dtype_flag_on_cpu(tmp_path):
     assert results["dtype"] == "bf16" and [r["status"] for r in results["ours"]] == ["ok"]
     config = json.loads((tmp_path / "model-tiny-cpu-bf16" / "config.json").read_text())
     assert config["dtype"] == "bfloat16"
+
+
+def test_token_budget_bench_quick(tiny_model_dir, toy_dir, tmp_path):
+    """bench/bench_token_budget.py --quick: both micro-batchings of the same steps, the table and its check that
+    they saw the same completions (learning rate 0)."""
+    out = run(["bench/bench_token_budget.py", "--quick", "--model", tiny_model_dir, "--data",
+               toy_dir / "data" / "rl_train.jsonl", "--json", tmp_path / "r.json"], timeout=300)
+    worst = json.loads((tmp_path / "r.json").read_text())["worst"]
+    fixed = f"{256 // worst} completions"                          # the same worst case as the 256-token budget
+    rows = table_rows(out, "stage")
+    assert [(r[0], r[1]) for r in rows] == [("1", fixed), ("1", "256 tokens, sorted"),
+                                            ("2", fixed), ("2", "256 tokens, sorted")]
+    assert all(float(r[4].split()[0]) > 0 and float(r[5].split()[0]) > 0 for r in rows), rows   # wall, CPU seconds
+    assert "same completions in every variant: True" in out
+    results = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert all(s["micro_batches"] >= 1 for s in results["256 tokens, sorted"][0]["steps"])

@@ -151,38 +151,52 @@ class GradRecorder(torch.optim.SGD):
         return super().step(closure)
 
 
+# micro-batchings of the same 8 completions: a number of rows, or a token budget (--micro_batch_tokens; a row is
+# ~80-100 tokens, prompt + completion, so 200 gives micro-batches of 2 rows, 400 of 4, sorted by length)
+MICRO = {"seq_mean": [8, 4, 2, "200 tokens", "400 tokens"], "token_mean": [8, 4, 2, "200 tokens"],
+         "dr_grpo": [8, 2, "200 tokens"]}
+
+
 def test_gradient_does_not_depend_on_micro_batching(model_dir, toy_dir, tmp_path, monkeypatch):
     """Pitfall 4: the rollout's S = 8 completions as 1, 2 or 4 micro-batches give the same gradients,
-    for both loss aggregations, at both updates of num_iterations=2 (the second with rho != 1 and
-    KL > 0). The global seq/token counts are what makes this hold."""
-    recorders = []
+    for every loss aggregation, at both updates of num_iterations=2 (the second with rho != 1 and
+    KL > 0). The global seq/token counts are what makes this hold. So do micro-batches formed by a
+    token budget (rows sorted by length: not consecutive, groups cut across micro-batches)."""
+    recorders, splits = [], []
 
     def build_optimizer(model, lr, weight_decay=0.0, name="adamw"):
         recorders.append(GradRecorder([p for p in model.parameters() if p.requires_grad]))
         return recorders[-1]
 
+    real_split = train_grpo.token_budget_micro_batches
     monkeypatch.setattr(training, "build_optimizer", build_optimizer)
+    monkeypatch.setattr(train_grpo, "token_budget_micro_batches",
+                        lambda *a, **k: splits.append(real_split(*a, **k)) or splits[-1])
     grads = {}
-    for aggregation in ["seq_mean", "token_mean"]:
-        for micro in [8, 4, 2]:
-            train_grpo.main(make_args(model_dir, toy_dir, tmp_path / f"{aggregation}-{micro}", micro_batch_size=micro,
+    for aggregation, micros in MICRO.items():
+        for micro in micros:
+            size = dict(micro_batch_tokens=int(micro.split()[0])) if isinstance(micro, str) else dict(micro_batch_size=micro)
+            train_grpo.main(make_args(model_dir, toy_dir, tmp_path / f"{aggregation}-{micro}", **size,
                                       num_iterations=2, max_grad_norm=0.0, loss_aggregation=aggregation))
             grads[aggregation, micro] = recorders[-1].grads
             assert len(grads[aggregation, micro]) == 2            # one optimizer step per iteration
+    # the token budgets did cut the rollout into several micro-batches of rows that are not consecutive
+    assert all(len(s) >= 2 for s in splits) and any(r != list(range(r[0], r[-1] + 1)) for s in splits for r in s)
 
     def flat(gs):
         return torch.cat([g.flatten() for g in gs])
 
-    for aggregation in ["seq_mean", "token_mean"]:
+    for aggregation, micros in MICRO.items():
         whole = grads[aggregation, 8]
         assert flat(whole[0]).norm() > 1e-2                       # there is a gradient to compare
         assert (flat(whole[1]) - flat(whole[0])).abs().max() > 1e-4   # the second update differs
-        for micro in [4, 2]:
+        for micro in micros[1:]:
             for it in range(2):
                 torch.testing.assert_close(flat(grads[aggregation, micro][it]), flat(whole[it]), atol=1e-6, rtol=1e-5,
                                            msg=lambda m: f"{aggregation}, micro_batch_size {micro}, update {it + 1}: {m}")
-    # completions have different lengths, so the two aggregations are different losses
+    # completions have different lengths, so the aggregations are different losses
     assert (flat(grads["seq_mean", 8][0]) - flat(grads["token_mean", 8][0])).abs().max() > 1e-4
+    assert (flat(grads["dr_grpo", 8][0]) - flat(grads["token_mean", 8][0])).abs().max() > 1e-4
 
 
 # ----------------------------------------------------------------------------- LoRA reference
@@ -469,3 +483,111 @@ def test_with_several_updates_per_rollout_the_schedule_counts_optimizer_steps(mo
     assert len(norms) == 4 and norms[0] != norms[1]
     assert [m["grad_norm"] for m in metrics] == pytest.approx([(norms[0] + norms[1]) / 2, (norms[2] + norms[3]) / 2])
     assert [m["lr"] for m in metrics] == pytest.approx([0.75e-3, 1e-3])   # logged after the step: the next update's
+
+
+# ----------------------------------------------------------------------------- options beside the paper (one step each)
+
+def numbers_only_reward(text, answer, **meta):
+    """Varies within groups for counting questions; constant for multiple choice (the toy's majority questions,
+    letter answers): those groups are all-equal, with no learning signal."""
+    return length_reward(text, answer) if answer.isdigit() else 1.0
+
+
+def group_rows(x, G):
+    return x.view(-1, G)
+
+
+def test_dynamic_sampling_trains_only_groups_with_a_signal(model_dir, toy_dir, tmp_path, monkeypatch):
+    """--dynamic_sampling: the step's own prompts include all-equal groups (multiple-choice questions under this
+    reward); they are dropped and extra prompts rolled out until the step holds prompts_per_step groups whose
+    rewards differ: every trained group has nonzero advantages, and the log counts what it cost. At a bound of 0
+    extra rollouts the step is filled with dropped groups instead (zero_var > 0)."""
+    monkeypatch.setitem(grader.REWARDS, "numbers_only", numbers_only_reward)
+    rollouts, spy = [], LossSpy()
+
+    def all_equal_groups(problems, G, ro):                            # this rollout's groups with no signal
+        r = torch.tensor([numbers_only_reward(t, p.answer) for t, p in zip(ro.texts, [p for p in problems for _ in range(G)])])
+        rollouts.append((problems, int((group_rows(r, G) == group_rows(r, G)[:, :1]).all(1).sum())))
+    record_rollouts(monkeypatch, all_equal_groups)
+    monkeypatch.setattr(train_grpo, "grpo_loss", spy)
+    train_grpo.main(make_args(model_dir, toy_dir, tmp_path / "ds", reward="numbers_only", prompts_per_step=4,
+                              dynamic_sampling=True, max_extra_rollouts=4))
+    assert rollouts[0][1] > 0, "precondition: the step's own prompts include groups with no signal"
+    assert len(rollouts) >= 2                                         # it rolled out more prompts
+    assert not {p.id for p in rollouts[0][0]} & {p.id for p in rollouts[1][0]}      # other prompts
+    adv = torch.cat([c["adv"] for c in spy.calls])
+    assert adv.numel() == 4 * 4 and (group_rows(adv, 4) != 0).any(dim=1).all()   # 4 groups, each with a signal
+    (m,) = read_metrics(tmp_path / "ds")
+    assert m["zero_var"] == 0 and m["sampled_groups"] == 4 * len(rollouts)
+    assert m["dropped_groups"] == sum(n for _, n in rollouts)         # every group with no signal, none kept
+
+    rollouts.clear()
+    train_grpo.main(make_args(model_dir, toy_dir, tmp_path / "bound", reward="numbers_only", prompts_per_step=4,
+                              dynamic_sampling=True, max_extra_rollouts=0))
+    (m,) = read_metrics(tmp_path / "bound")
+    assert len(rollouts) == 1 and m["sampled_groups"] == 4 and m["dropped_groups"] == 0 and m["zero_var"] > 0
+
+
+def test_overlong_penalty_is_added_to_the_reward(model_dir, toy_dir, tmp_path, monkeypatch):
+    """--overlong_buffer 8 at a 24-token limit: the reward the advantages see is the base reward plus
+    -(length - 16) / 8 for completions longer than 16 tokens (-1 at the limit), 0 for the others."""
+    rollouts, rewards = [], []
+    record_rollouts(monkeypatch, lambda problems, G, ro: rollouts.append(ro))
+    real = train_grpo.group_advantages
+    monkeypatch.setattr(train_grpo, "group_advantages", lambda r, G: rewards.append(r.clone()) or real(r, G))
+    train_grpo.main(make_args(model_dir, toy_dir, tmp_path, overlong_buffer=8))
+    (ro,), (reward,) = rollouts, rewards
+    lengths = ro.completion_mask.sum(1).float()
+    penalty = -((lengths - 16) / 8).clamp(0, 1)
+    assert (penalty < 0).any() and (penalty == 0).any(), f"precondition: lengths on both sides of 16: {lengths}"
+    base = torch.tensor([length_reward(t, None) for t in ro.texts])
+    torch.testing.assert_close(reward, base + penalty)
+    from minivr1.cli import UserError
+    with pytest.raises(UserError, match="shorter than every stage's completion limit"):    # nothing left before it
+        train_grpo.main(make_args(model_dir, toy_dir, tmp_path / "too_long", stages="48x2:1,24x4:1", overlong_buffer=24))
+
+
+def test_mask_truncated_completions_leaves_them_out_of_the_loss(model_dir, toy_dir, tmp_path, monkeypatch):
+    rollouts, spy = [], LossSpy()
+    record_rollouts(monkeypatch, lambda problems, G, ro: rollouts.append(ro))
+    monkeypatch.setattr(train_grpo, "grpo_loss", spy)
+    train_grpo.main(make_args(model_dir, toy_dir, tmp_path, mask_truncated_completions=True))
+    (ro,), (call,) = rollouts, spy.calls
+    assert ro.truncated.any() and not ro.truncated.all(), "precondition: some completions cut off, some not"
+    assert not call["mask"][ro.truncated].any()                                   # truncated rows: no token counts
+    assert torch.equal(call["mask"][~ro.truncated], ro.completion_mask[~ro.truncated].bool())
+    (m,) = read_metrics(tmp_path)
+    assert m["truncated"] > 0 and m["len"] == ro.completion_mask.sum().item() / 8     # the log still sees them
+
+
+@pytest.mark.parametrize("scale", ["none", "batch"])
+def test_scale_rewards(scale, model_dir, toy_dir, tmp_path, monkeypatch):
+    """--scale_rewards none: A = r - group mean (Dr.GRPO); batch: divided by the std of all the step's rewards."""
+    rollouts, spy = [], LossSpy()
+    record_rollouts(monkeypatch, lambda problems, G, ro: rollouts.append(ro))
+    monkeypatch.setattr(train_grpo, "grpo_loss", spy)
+    train_grpo.main(make_args(model_dir, toy_dir, tmp_path, scale_rewards=scale))
+    (ro,), (call,) = rollouts, spy.calls
+    r = torch.tensor([length_reward(t, None) for t in ro.texts])
+    centred = (group_rows(r, 4) - group_rows(r, 4).mean(1, keepdim=True)).flatten()
+    want = centred if scale == "none" else centred / (r.std(correction=0) + 1e-6)
+    assert centred.abs().max() > 0 and (scale == "none" or abs(r.std(correction=0) - 1) > 0.05), "precondition"
+    torch.testing.assert_close(call["adv"], want)
+
+
+def test_gspo_equals_the_token_ratio_on_policy_and_differs_off_policy(model_dir, toy_dir, tmp_path, monkeypatch):
+    """--importance_sampling_level sequence with num_iterations 2: the first update (ratio 1) has the same gradient
+    as the per-token ratio, the second (the policy has moved) does not."""
+    recorders = []
+
+    def build_optimizer(model, lr, weight_decay=0.0, name="adamw"):
+        recorders.append(GradRecorder([p for p in model.parameters() if p.requires_grad]))
+        return recorders[-1]
+
+    monkeypatch.setattr(training, "build_optimizer", build_optimizer)
+    for level in ["token", "sequence"]:
+        train_grpo.main(make_args(model_dir, toy_dir, tmp_path / level, importance_sampling_level=level,
+                                  num_iterations=2, max_grad_norm=0.0, epsilon=0.5))
+    (token1, token2), (seq1, seq2) = ([torch.cat([g.flatten() for g in gs]) for gs in r.grads] for r in recorders)
+    torch.testing.assert_close(seq1, token1)
+    assert (seq2 - token2).abs().max() > 1e-4 * token2.abs().max()

@@ -82,6 +82,53 @@ def test_grpo_two_processes_keep_groups_whole(tiny_model_dir, toy_dir, processor
     assert ranks[0]["params"][0][1:] != ranks[0]["params"][1][1:]
 
 
+def test_grpo_two_processes_dynamic_sampling_and_token_budget(tiny_model_dir, toy_dir, tmp_path):
+    """--dynamic_sampling and --micro_batch_tokens under 2 processes: each process drops its own groups with no
+    signal and fills its own share with other prompts (whole groups), both make the same number of rollouts per
+    step (the rounds are agreed) and train exactly their share, the token-budget micro-batch counts are made equal
+    (else DDP would hang here), and the weights stay in sync."""
+    out, probe = tmp_path / "run", tmp_path / "probe"
+    P, G, steps = 4, 2, 2
+    torchrun(ROOT / "tests" / "grpo_ddp_probe.py",
+             ["--model", tiny_model_dir, "--data", toy_dir / "data" / "rl_train.jsonl", "--output_dir", out,
+              "--mode", "lora", "--stages", f"24x{G}:{steps}", "--prompts_per_step", P, "--micro_batch_tokens", 150,
+              "--learning_rate", 1e-2, "--reward", "numbers_only", "--save_steps", 1, "--sample_every", 0,
+              "--dynamic_sampling", "--max_extra_rollouts", 3],
+             tmp_path, {"GRPO_PROBE_DIR": str(probe)})
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    ranks = [json.loads((probe / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+    def per_step(events, kind):      # per step, the values of its events of this kind
+        steps = [[]]
+        for event in events:
+            if event[0] == kind:
+                steps[-1].append(event[1:])
+            if event[0] == "advantages":
+                steps.append([])
+        return steps[:-1] if kind != "micro" else steps[1:]     # micro-batches are made after the advantages
+
+    problems, _ = data.read_problems(toy_dir / "data" / "rl_train.jsonl")
+    rounds = [per_step(r["events"], "generate") for r in ranks]
+    micro = [per_step(r["events"], "micro") for r in ranks]
+    extra, uneven = 0, 0
+    for step in range(steps):
+        want = [problems[i].id for i in training.batch_indices(len(problems), P, step, seed=0)]
+        assert [rounds[r][step][0][0] for r in (0, 1)] == [want[:P // 2], want[P // 2:]]   # each its own share first
+        assert len(rounds[0][step]) == len(rounds[1][step])                               # the same number of rollouts
+        extra += len(rounds[0][step]) - 1
+        assert metrics[step]["sampled_groups"] == sum(len(c[0]) for r in (0, 1) for c in rounds[r][step])
+        # micro-batches: each process's own count, then both make the larger one
+        (own0, _), (final0, asked0) = micro[0][step]
+        (own1, _), (final1, asked1) = micro[1][step]
+        assert final0 == final1 == asked0 == asked1 == max(own0, own1)
+        uneven += own0 != own1
+    assert extra > 0, "precondition: some step needed extra rollouts"
+    assert uneven > 0, "precondition: some step's processes needed different numbers of micro-batches"
+    assert all(a == [P // 2 * G, G] for r in ranks for a in r["advantages"])             # each trained its share
+    assert ranks[0]["params"] == ranks[1]["params"] and ranks[0]["params"][0][1:] != ranks[0]["params"][1][1:]
+
+
 def test_sft_two_processes(tiny_model_dir, toy_dir, tmp_path):
     out = tmp_path / "run"
     torchrun(ROOT / "train_sft.py",

@@ -84,6 +84,9 @@ GRPO_RUNS = {   # name: overrides
     "grpo_seq_mean_lora": dict(loss_aggregation="seq_mean", mode="lora", lora_r=8, lora_alpha=16, learning_rate=1e-2),
     "grpo_token_mean_full": dict(loss_aggregation="token_mean", mode="full"),
 }
+# under DDP only: micro-batches by token budget (rows sorted by length, each process as many micro-batches as the
+# process that needs most), with the token mean, whose denominator would show a micro-batch lost or counted twice
+DDP_RUNS = {"grpo_token_budget": dict(loss_aggregation="token_mean", mode="full", micro_batch_tokens=150)}
 
 
 def two_process_spec(backend, tiny_model_dir, eos_model_dir, toy_dir, tmp, broken: bool = False) -> dict:
@@ -91,7 +94,7 @@ def two_process_spec(backend, tiny_model_dir, eos_model_dir, toy_dir, tmp, broke
         {"name": "sft", "script": "sft",
          "args": sft_args(tiny_model_dir, toy_dir, tmp / "2" / "sft", per_device_batch_size=1, gradient_accumulation_steps=2)},
         *[{"name": name, "script": "grpo", "args": grpo_args(eos_model_dir, toy_dir, tmp / "2" / name, **kw)}
-          for name, kw in GRPO_RUNS.items()],
+          for name, kw in (GRPO_RUNS | (DDP_RUNS if backend == "ddp" else {})).items()],
         *([{"name": "broken", "script": "grpo", "break": "local_denominators",
             "args": grpo_args(eos_model_dir, toy_dir, tmp / "2" / "broken", **GRPO_RUNS["grpo_token_mean_full"])}]
           if broken else []),
@@ -131,7 +134,7 @@ def runs(tiny_model_dir, eos_model_dir, toy_dir, tmp_path_factory):
         {"name": "sft", "script": "sft",
          "args": sft_args(tiny_model_dir, toy_dir, tmp / "1" / "sft", per_device_batch_size=2, gradient_accumulation_steps=2)},
         *[{"name": name, "script": "grpo", "args": grpo_args(eos_model_dir, toy_dir, tmp / "1" / name, **kw)}
-          for name, kw in GRPO_RUNS.items()],
+          for name, kw in (GRPO_RUNS | DDP_RUNS).items()],
     ]}
     proc, log_path = start_torchrun(two_process_spec("ddp", tiny_model_dir, eos_model_dir, toy_dir, tmp, broken=True), tmp)
     threads = torch.get_num_threads()
@@ -224,7 +227,7 @@ def test_sft_two_processes_equal_one(runs, tiny_model_dir):
     check_sft(runs, tiny_model_dir)
 
 
-@pytest.mark.parametrize("name", list(GRPO_RUNS))
+@pytest.mark.parametrize("name", list(GRPO_RUNS) + list(DDP_RUNS))
 def test_grpo_two_processes_equal_one(runs, name, toy_dir):
     check_grpo(runs, name, toy_dir)
 

@@ -192,9 +192,11 @@ def eval_mode(model):
 def make_engine(name: str, model, processor, temperature: float, top_p: float, system_prompt: str | None = None,
                 synced_gpus: bool = False):
     """The rollout engine `name` ("hf" or "shared_prefix"). The shared-prefix engine needs a model that
-    holds whole parameters on this process, so under ZeRO-3 (synced_gpus) it falls back to "hf"."""
-    if name == "shared_prefix" and not synced_gpus:
-        from minivr1.shared_prompt import SharedPrefixEngine
+    holds whole parameters on this process, so under ZeRO-3 (synced_gpus) it falls back to "hf"; so it
+    does for a model family it does not support (`shared_prompt.supports`)."""
+    from minivr1.shared_prompt import SharedPrefixEngine, supports
+
+    if name == "shared_prefix" and not synced_gpus and supports(model):
         return SharedPrefixEngine(model, processor, temperature, top_p, system_prompt)
     if name not in ("hf", "shared_prefix"):
         raise ValueError(f"unknown rollout engine {name!r}: use 'hf' or 'shared_prefix'")

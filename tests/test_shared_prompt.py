@@ -163,3 +163,4 @@ def test_other_families_take_the_plain_paths(other, family_dir, toy_dir, problem
 
     plain, shared = run(HFEngine(model, proc, 1.0, 1.0)), run(SharedPrefixEngine(model, proc, 1.0, 1.0))
     assert torch.equal(shared.completion_ids, plain.completion_ids) and shared.texts == plain.texts
+    assert make_engine("shared_prefix", model, proc, 1.0, 1.0).name == "hf"      # what train_grpo.py reports

@@ -311,8 +311,8 @@ def run_rollout_options(spec: dict) -> dict:
     problems, _ = data.read_problems(spec["data"])
     batch = prompt_batch(processor, problems[:1], repeat=spec["G"]).to(spec["device"])
     tok = processor.tokenizer
-    common = dict(max_new_tokens=spec["option_tokens"], eos_token_id=rollout.eos_token_ids(model, tok),
-                  pad_token_id=tok.pad_token_id, suppress_tokens=rollout.vision_token_ids(tok), use_cache=True,
+    common = dict(max_new_tokens=spec["option_tokens"], eos_token_id=rollout.eos_token_ids(model, processor),
+                  pad_token_id=tok.pad_token_id, suppress_tokens=rollout.media_token_ids(processor), use_cache=True,
                   do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
     options = {"dynamic": {}, "static": {"cache_implementation": "static", "disable_compile": True},
                "static_compiled": {"cache_implementation": "static"}}
@@ -347,7 +347,7 @@ def run_trl(spec: dict) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from minivr1 import data, models
-    from minivr1.rollout import vision_token_ids
+    from minivr1.rollout import media_token_ids
 
     processor = models.load_processor(spec["model"], spec["max_pixels"])
     problem = data.read_problems(spec["data"])[0][0]
@@ -381,11 +381,11 @@ def run_trl(spec: dict) -> dict:
         per_device_train_batch_size=micro, gradient_accumulation_steps=G // micro, num_generations=G,
         max_completion_length=spec["C"], max_steps=spec["steps"], learning_rate=1e-6, lr_scheduler_type="constant",
         beta=spec["beta"], num_iterations=1, epsilon=0.2, loss_type="grpo", scale_rewards="group",
-        temperature=1.0, top_p=1.0, top_k=0, generation_kwargs={"suppress_tokens": vision_token_ids(processor.tokenizer)},
+        temperature=1.0, top_p=1.0, top_k=0, generation_kwargs={"suppress_tokens": media_token_ids(processor)},
         mask_truncated_completions=False, report_to="none", logging_strategy="no", save_strategy="no",
         disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0, seed=spec["seed"])
     lora = LoraConfig(r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=0.0,
-                      target_modules=models.LORA_TARGET, task_type="CAUSAL_LM")
+                      target_modules=models.lora_targets(models.meta_model(spec["model"])), task_type="CAUSAL_LM")
     try:
         trainer = TimedGRPOTrainer(model=spec["model"], reward_funcs=[parity], args=config, train_dataset=dataset,
                                    processing_class=processor, peft_config=lora, callbacks=[Lengths()])

@@ -157,7 +157,7 @@ def run_trl(a, setup_dir: Path) -> dict:
 
     from minivr1 import data, grader, models
     from minivr1.chat import problem_messages
-    from minivr1.rollout import vision_token_ids
+    from minivr1.rollout import media_token_ids
 
     model_dir = str(setup_dir / "model")
     processor = models.load_processor(model_dir)
@@ -233,7 +233,7 @@ def run_trl(a, setup_dir: Path) -> dict:
         max_steps=a.warmup + a.steps, learning_rate=a.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.0, max_grad_norm=1.0, beta=a.beta, num_iterations=1, epsilon=0.2, loss_type="grpo",
         scale_rewards="group", temperature=1.0, top_p=1.0, top_k=0, min_p=None, repetition_penalty=1.0,
-        generation_kwargs={"suppress_tokens": vision_token_ids(processor.tokenizer)}, disable_dropout=True,
+        generation_kwargs={"suppress_tokens": media_token_ids(processor)}, disable_dropout=True,
         mask_truncated_completions=False, report_to="none", logging_strategy="no", save_strategy="no",
         disable_tqdm=True, log_completions=False, remove_unused_columns=False, dataloader_num_workers=0,
         seed=a.seed)

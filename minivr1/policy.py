@@ -12,7 +12,13 @@ forward, which calling `model.model(...)` directly would bypass.
 
 GRPO asks for log-probs through `completion_logprobs(policy, rollout, rows, ...)`, and for the KL
 reference's through `Reference.logprobs`; neither says whether a group's shared prompt runs once
-(`share_prompt`, minivr1/shared_prompt.py) or once per row: the numbers are the same.
+(`share_prompt`, minivr1/shared_prompt.py, for the families it supports) or once per row: the
+numbers are the same.
+
+Positions, the one thing the families' forwards differ in here: the M-RoPE families (Qwen) compute
+their 3-D positions themselves from `mm_token_type_ids`, which their processors return; for the
+others (Idefics3 / SmolVLM: 1-D RoPE) we pass the positions `generate` gave each token, counted
+over the attention mask, so a left-padded row is scored at the positions it was sampled at.
 """
 from __future__ import annotations
 
@@ -28,13 +34,19 @@ from minivr1.models import unwrap_peft
 
 class TokenLogprobs(nn.Module):
     def __init__(self, model, chunk_size: int = 1024, share_prompt: bool = False, trim_padding: bool = False):
+        from minivr1.models import fsdp_wrap_classes
+        from minivr1.shared_prompt import supports
+
         super().__init__()
         self.model = model                    # the HF model, possibly wrapped by peft
         self.chunk_size = chunk_size
-        self.share_prompt = share_prompt      # run a group's shared prompt once (see forward)
+        self.share_prompt = share_prompt and supports(model)    # run a group's shared prompt once (see forward)
         # drop the columns that are padding in every row first (see forward); off by default, where it would change
         # no number but the float rounding of a batch of another width
         self.trim_padding = trim_padding
+        # What accelerate's FSDP shards as units when the config names no classes: the model's own layer
+        # classes (this module, which accelerate.prepare wraps, has none of its own).
+        self._no_split_modules = fsdp_wrap_classes(model)
 
     def forward(self, input_ids, attention_mask, score_mask, pixel_values=None, image_grid_thw=None,
                 mm_token_type_ids=None, temperature: float = 1.0, prompt_len: int = 0,
@@ -43,12 +55,12 @@ class TokenLogprobs(nn.Module):
 
         input_ids, attention_mask, score_mask: [N, T]. score_mask[n, t] = 1 scores token
         input_ids[n, t] given everything before it (so it must be 0 at t = 0). The hidden state
-        at t-1 predicts token t (the shift). mm_token_type_ids (1 on image tokens) lets
-        Qwen2-VL/2.5-VL compute the 3-D M-RoPE positions that generation used; without it the
-        model silently falls back to 1-D positions.
+        at t-1 predicts token t (the shift). mm_token_type_ids (1 on image tokens) lets the
+        M-RoPE families compute the 3-D positions that generation used (without it they silently
+        fall back to 1-D positions); without it, positions count the attention mask, as in generate.
 
         Groups (GRPO): with `group_sizes`, the N rows form consecutive groups of group_sizes[k]
-        rows that share their first `prompt_len` columns, and pixel_values / image_grid_thw hold
+        rows that share their first `prompt_len` columns, and pixel_values (/ image_grid_thw) hold
         each GROUP's images once (images_per_group[k] images for group k). With `share_prompt`
         each group's prompt runs once (minivr1/shared_prompt.py); otherwise the images are
         repeated for every row and the plain forward runs.
@@ -71,15 +83,28 @@ class TokenLogprobs(nn.Module):
                                           mm_token_type_ids, prompt_len, group_sizes)
         else:
             if group_sizes is not None and pixel_values is not None:          # each row its own copy of its images
-                rows = repeat_images({"pixel_values": pixel_values, "image_grid_thw": image_grid_thw},
-                                     images_per_group, group_sizes)
-                pixel_values, image_grid_thw = rows["pixel_values"], rows["image_grid_thw"]
-            extra = {"mm_token_type_ids": mm_token_type_ids} if mm_token_type_ids is not None else {}
-            hidden = hf.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                              image_grid_thw=image_grid_thw, use_cache=False, **extra).last_hidden_state   # [N, T, H]
+                rows = repeat_images(_images(pixel_values, image_grid_thw), images_per_group, group_sizes)
+                pixel_values, image_grid_thw = rows["pixel_values"], rows.get("image_grid_thw")
+            hidden = final_hidden(hf, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids)
         select = score_mask[:, 1:].bool()                                                    # [N, T-1]
         return token_logprobs(hidden[:, :-1][select], hf.get_output_embeddings(), input_ids[:, 1:][select],
                               temperature=temperature, chunk_size=self.chunk_size)           # [M]
+
+
+def _images(pixel_values, image_grid_thw) -> dict:
+    return {k: v for k, v in (("pixel_values", pixel_values), ("image_grid_thw", image_grid_thw)) if v is not None}
+
+
+def final_hidden(hf, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, mm_token_type_ids=None):
+    """The plain forward: the backbone's last hidden states [N, T, H] for whole rows, every row with its
+    own images. Positions as generation gave them: the M-RoPE families compute theirs from
+    mm_token_type_ids; for the others (and for text-only rows) they count the attention mask."""
+    if mm_token_type_ids is not None and image_grid_thw is not None:
+        positions = {"mm_token_type_ids": mm_token_type_ids}
+    else:
+        positions = {"position_ids": (attention_mask.long().cumsum(-1) - 1).clamp(min=0)}
+    return unwrap_peft(hf).model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                 **_images(pixel_values, image_grid_thw), **positions).last_hidden_state
 
 
 def completion_logprobs(policy, rollout, rows: list[int], *, temperature: float, grad: bool) -> torch.Tensor:

@@ -3,8 +3,11 @@
 `generate` takes a left-padded prompt batch (see `chat.prompt_batch`), samples with the KV
 cache (transformers' `model.generate`), and returns the completions with their mask: 1 on every
 token up to and including the first end-of-turn token, 0 after it (never `ids != pad_id`, which
-breaks when pad == eos). Vision special tokens are suppressed: a sampled `<|image_pad|>` would
-break the next forward ("image features and image tokens do not match"; docs/pitfalls.md).
+breaks when pad == eos). The end-of-turn token is the chat template's (`chat.assistant_turn_tokens`).
+Image tokens are suppressed, every token the processor places for an image (`media_token_ids`:
+Qwen's `<|image_pad|>`, `<|vision_start|>`, ...; SmolVLM's `<image>`, `<fake_token_around_image>`,
+...): a sampled one would break the next forward ("image features and image tokens do not match";
+docs/pitfalls.md).
 
 GRPO asks a rollout *engine* for its completions, through one method:
 
@@ -16,14 +19,13 @@ encoded once; a vLLM engine would be another). `make_engine` picks one by name (
 """
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
-from minivr1.chat import prompt_batch, repeat_images
-
-VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_pad|>"]
+from minivr1.chat import IMAGE_KEYS, assistant_turn_tokens, prompt_batch, repeat_images
 
 
 @dataclass
@@ -38,7 +40,7 @@ class Rollout:
     truncated: torch.Tensor           # [N] bool: no EOS within the length limit
     texts: list[str]                  # decoded completions (special tokens dropped)
     group_size: int = 1               # G
-    images: dict = field(default_factory=dict)   # pixel_values, image_grid_thw of each PROMPT, once
+    images: dict = field(default_factory=dict)   # the images (chat.IMAGE_KEYS) of each PROMPT, once
     images_per_prompt: list[int] = field(default_factory=list)
     problems: list | None = None      # the problems of the groups, when the engine chose them (--dynamic_sampling)
     sampling: dict = field(default_factory=dict)  # counts the engine reports for the step's log (summed over processes)
@@ -96,17 +98,37 @@ class Rollout:
                        parts[0].group_size, images, [n for p in parts for n in p.images_per_prompt])
 
 
-def vision_token_ids(tokenizer) -> list[int]:
-    unk = tokenizer.unk_token_id
-    ids = [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
-    return sorted({i for i in ids if i is not None and i != unk})
+_MEDIA_IDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def eos_token_ids(model, tokenizer) -> list[int]:
+def media_token_ids(processor) -> list[int]:
+    """Token ids only the processor may place: its declared image / video tokens, and every added token
+    its output holds for one image that the same text without the image does not (the image's framing:
+    Qwen's `<|vision_start|>` `<|vision_end|>`; Idefics3's `<fake_token_around_image>`, `<global-img>`)."""
+    if processor not in _MEDIA_IDS:
+        from PIL import Image
+
+        tok = processor.tokenizer
+        text = {"type": "text", "text": "Hi"}
+        with_image = processor.apply_chat_template([{"role": "user", "content": [text, {"type": "image"}]}], tokenize=False)
+        without = processor.apply_chat_template([{"role": "user", "content": [text]}], tokenize=False)
+        added = set(tok.get_added_vocab().values())
+        ids = set(processor(text=[with_image], images=[Image.new("RGB", (56, 56))])["input_ids"][0])
+        ids -= set(processor(text=[without])["input_ids"][0])
+        declared = [getattr(processor, name, None) for name in ("image_token", "video_token")]
+        ids |= {tok.convert_tokens_to_ids(t) for t in declared if isinstance(t, str)}
+        _MEDIA_IDS[processor] = sorted((ids & added) - {None, tok.unk_token_id})
+    return _MEDIA_IDS[processor]
+
+
+def eos_token_ids(model, processor) -> list[int]:
+    """The ids that end a completion: the checkpoint's generation_config EOS, the tokenizer's EOS, and the
+    chat template's end-of-turn token. `processor` may be a text model's tokenizer."""
+    tok = getattr(processor, "tokenizer", processor)
     ids = model.generation_config.eos_token_id
     ids = [ids] if isinstance(ids, int) else list(ids or [])
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    return sorted(set(ids + [tokenizer.eos_token_id] + ([im_end] if im_end is not None else [])) - {None})
+    end = [assistant_turn_tokens(processor)[1]] if tok.chat_template or getattr(processor, "chat_template", None) else []
+    return sorted(set(ids + [tok.eos_token_id] + end) - {None})
 
 
 def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,15 +139,15 @@ def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[t
     return (eos_before == 0).long(), ~is_eos.any(dim=1)
 
 
-def sampling_kwargs(model, tokenizer, max_new_tokens: int, temperature: float, top_p: float,
+def sampling_kwargs(model, processor, max_new_tokens: int, temperature: float, top_p: float,
                     do_sample: bool = True) -> dict:
     """`model.generate` settings: explicit sampling that overrides the checkpoint's generation_config
     (Qwen2.5-VL-Instruct's sets top_k 1 and repetition_penalty 1.05; GRPO must sample from the
-    distribution it scores), EOS and padding ids, vision tokens suppressed."""
+    distribution it scores), EOS and padding ids, image tokens suppressed."""
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else \
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    return dict(max_new_tokens=max_new_tokens, eos_token_id=eos_token_ids(model, tokenizer),
-                pad_token_id=tokenizer.pad_token_id, suppress_tokens=vision_token_ids(tokenizer), use_cache=True,
+    return dict(max_new_tokens=max_new_tokens, eos_token_id=eos_token_ids(model, processor),
+                pad_token_id=processor.tokenizer.pad_token_id, suppress_tokens=media_token_ids(processor), use_cache=True,
                 repetition_penalty=1.0, **sampling)
 
 
@@ -149,7 +171,7 @@ def generate(model, processor, batch, max_new_tokens: int, temperature: float = 
     and the model must hold whole parameters (see distributed.whole_parameters for FSDP2).
     """
     tok = processor.tokenizer
-    kwargs = sampling_kwargs(model, tok, max_new_tokens, temperature, top_p, do_sample)
+    kwargs = sampling_kwargs(model, processor, max_new_tokens, temperature, top_p, do_sample)
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     P = batch["input_ids"].shape[1]
@@ -173,7 +195,7 @@ class HFEngine:
         (batch, images, images per prompt)."""
         device = next(self.model.parameters()).device
         batch = {k: v.to(device) for k, v in prompt_batch(self.processor, problems, self.system_prompt).items()}
-        images = {k: batch.pop(k) for k in ("pixel_values", "image_grid_thw") if k in batch}
+        images = {k: batch.pop(k) for k in IMAGE_KEYS if k in batch}
         return batch, images, [len(p.images) for p in problems]
 
     @torch.no_grad()
@@ -204,9 +226,11 @@ def eval_mode(model):
 def make_engine(name: str, model, processor, temperature: float, top_p: float, system_prompt: str | None = None,
                 synced_gpus: bool = False):
     """The rollout engine `name` ("hf" or "shared_prefix"). The shared-prefix engine needs a model that
-    holds whole parameters on this process, so under ZeRO-3 (synced_gpus) it falls back to "hf"."""
-    if name == "shared_prefix" and not synced_gpus:
-        from minivr1.shared_prompt import SharedPrefixEngine
+    holds whole parameters on this process, so under ZeRO-3 (synced_gpus) it falls back to "hf"; so it
+    does for a model family it does not support (`shared_prompt.supports`)."""
+    from minivr1.shared_prompt import SharedPrefixEngine, supports
+
+    if name == "shared_prefix" and not synced_gpus and supports(model):
         return SharedPrefixEngine(model, processor, temperature, top_p, system_prompt)
     if name not in ("hf", "shared_prefix"):
         raise ValueError(f"unknown rollout engine {name!r}: use 'hf' or 'shared_prefix'")

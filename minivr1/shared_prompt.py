@@ -9,8 +9,10 @@ sampled tokens and the same log-probs and gradients); it saves the prompt's comp
   * `shared_prompt_hidden`: the log-prob forward runs each group's prompt once and continues every
     row of the group from its KV cache (`policy.TokenLogprobs` uses it when `share_prompt` is on).
 
-Both compute Qwen2-VL / Qwen2.5-VL's 3-D M-RoPE positions themselves with the model's own
-`get_rope_index`; a model without it gets the plain path (`supports`).
+Both compute the Qwen families' 3-D M-RoPE positions themselves with the model's own
+`get_rope_index`, so they are for the families listed in `SUPPORTED` only, each tested equal to the
+plain path (tests/test_shared_prompt.py); any other model gets the plain path (`supports`): the
+engine falls back to `HFEngine`, `policy.TokenLogprobs` to the plain forward.
 
 The sampler rebuilds `model.generate`'s logits processors with two PRIVATE transformers helpers,
 `GenerationMixin._prepare_generation_config` and `GenerationMixin._get_logits_processor` (the
@@ -25,9 +27,18 @@ from minivr1.models import unwrap_peft
 from minivr1.rollout import HFEngine, Rollout, eval_mode, finish, sampling_kwargs
 
 
+# Model types whose positions these speed-ups compute (M-RoPE from get_rope_index) and whose cache can be
+# repeated per row, each tested equal to the plain path. Not Qwen3.5: its Gated DeltaNet layers' cache cannot
+# be repeated or selected per row (transformers 5.23: LinearAttentionLayer has no batch_select_indices); not
+# Idefics3 / SmolVLM (1-D positions, not written here).
+SUPPORTED = ("qwen2_5_vl", "qwen3_vl")
+
+
 def supports(model) -> bool:
-    """Whether these speed-ups can compute this model's positions (Qwen2-VL-style M-RoPE)."""
-    return hasattr(unwrap_peft(model).model, "get_rope_index")
+    """Whether these speed-ups are exact for this model: a family in SUPPORTED (M-RoPE positions from its
+    own get_rope_index). Anything else runs the plain path."""
+    hf = unwrap_peft(model)
+    return getattr(hf.config, "model_type", None) in SUPPORTED and hasattr(getattr(hf, "model", None), "get_rope_index")
 
 
 class SharedPrefixEngine(HFEngine):
@@ -41,7 +52,7 @@ class SharedPrefixEngine(HFEngine):
         if G == 1 or "mm_token_type_ids" not in batch or not images or not supports(self.model):
             return super().generate(problems, G, max_new_tokens)
         lead = {**batch, **images}
-        kwargs = sampling_kwargs(self.model, self.processor.tokenizer, max_new_tokens, self.temperature, self.top_p)
+        kwargs = sampling_kwargs(self.model, self.processor, max_new_tokens, self.temperature, self.top_p)
         with eval_mode(self.model):
             completion = sample_shared_prompts(self.model, lead, G, **kwargs)
         rows = {k: v.repeat_interleave(G, 0) for k, v in lead.items() if k not in images}
@@ -104,7 +115,8 @@ def shared_prompt_hidden(backbone, input_ids, attention_mask, pixel_values, imag
 
     Positions are passed explicitly, as the plain forward computes them: M-RoPE positions of the
     prompt (the model's own get_rope_index), then the completion continuing at the prompt's
-    largest position + 1 in all three sections; or plain 0..T-1 for a text-only batch. Gradients
+    largest position + 1 in all three sections; or, for a text-only batch, 1-D positions counting the
+    attention mask (as generate and the plain forward number a left-padded row's tokens). Gradients
     reach the prompt through the shared cache. Not with gradient checkpointing (transformers drops
     the cache in checkpointed layers).
     """
@@ -126,9 +138,9 @@ def shared_prompt_hidden(backbone, input_ids, attention_mask, pixel_values, imag
                                                 attention_mask=prompt_mask)            # [3, groups, P]
         start = prompt_pos.amax(dim=(0, 2)) + 1                                       # [groups]
         completion_pos = (start[rows, None] + torch.arange(C, device=start.device)).expand(3, N, C)
-    else:
-        prompt_pos = torch.arange(prompt_len, device=input_ids.device).expand(len(group_sizes), prompt_len)
-        completion_pos = torch.arange(prompt_len, T, device=input_ids.device).expand(N, C)
+    else:                                   # 1-D positions counting the attention mask, as generate's
+        prompt_pos = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)                  # [groups, P]
+        completion_pos = prompt_mask.sum(-1)[rows, None] + torch.arange(C, device=input_ids.device)
     out = backbone(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_pos,
                    pixel_values=pixel_values, image_grid_thw=image_grid_thw, use_cache=True)
     cache = out.past_key_values

@@ -291,10 +291,13 @@ if __name__ == "__main__":
     p.add_argument("--seed", type=int, default=0, help="generator seed (everything is deterministic given it)")
     p.add_argument("--model_size", default="small", choices=["none", "tiny", "small"],
                    help="also build a random base model of this size in OUT_DIR/base ('none' to skip)")
+    from minivr1 import tiny
+
+    p.add_argument("--family", default="qwen2_5_vl", choices=list(tiny.FAMILIES),
+                   help="model family of the base model (minivr1.tiny; default Qwen2.5-VL, the paper's)")
     a = p.parse_args()
     paths = generate(Path(a.out_dir) / "data", a.n_train, a.n_eval, a.n_cold, a.seed)
     for name, path in paths.items():
         print(f"{name}: {path}")
     if a.model_size != "none":
-        from minivr1 import tiny
-        print(f"base model: {tiny.build(a.model_size, Path(a.out_dir) / 'base', seed=a.seed)}")
+        print(f"base model: {tiny.build(a.model_size, Path(a.out_dir) / 'base', seed=a.seed, family=a.family)}")

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # The whole Vision-R1 recipe on the built-in toy task, on a CPU, in about 25 minutes:
 #   toy data + random base model -> cold-start SFT -> GRPO with PTST -> evaluation of each.
-# Usage: bash scripts/toy_pipeline.sh [OUT_DIR]   (default runs/toy; PYTHON overrides the interpreter)
+# Usage: bash scripts/toy_pipeline.sh [OUT_DIR]   (default runs/toy; PYTHON overrides the interpreter;
+#        FAMILY=qwen3_vl|qwen3_5|idefics3 builds that model family instead of Qwen2.5-VL: README "Model families")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 OUT=${1:-runs/toy}
 export TOKENIZERS_PARALLELISM=false
 
-echo "== 1. toy task: images, RL/eval splits, cold-start data, and a random tiny Qwen2.5-VL =="
-[ -f "$OUT/base/config.json" ] || $PY -m minivr1.toy "$OUT" --model_size tiny
+FAMILY=${FAMILY:-qwen2_5_vl}
+
+echo "== 1. toy task: images, RL/eval splits, cold-start data, and a random tiny model ($FAMILY) =="
+[ -f "$OUT/base/config.json" ] || $PY -m minivr1.toy "$OUT" --model_size tiny --family "$FAMILY"
 
 echo "== 2. evaluate the base model (random weights: no format, no accuracy) =="
 $PY evaluate.py --config configs/toy_eval.yaml --model "$OUT/base" --data "$OUT/data/eval.jsonl" \

@@ -6,7 +6,7 @@ CPU over gloo (torch's `fully_shard`; DeepSpeed's CPU accelerator), so `use(back
 scripts' `distributed.make_accelerator` return an Accelerator in that state:
 
     fsdp   an Accelerator built as usual, then switched to FSDP with fsdp.yaml's sharding (FSDP2,
-           Qwen2.5-VL's layer classes as shard units, reshard after forward) but fp32 and without
+           the model's own layer classes as shard units, reshard after forward) but fp32 and without
            cpu_ram_efficient_loading (every process loads the whole model); `prepare` then shards
            with `fully_shard` for real.
     zero2  DeepSpeed with configs/accelerate/ds_zero2.json, over a gloo process group.
@@ -51,7 +51,6 @@ def _fsdp(accelerator):
 
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-        transformer_cls_names_to_wrap=["Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"],
         reshard_after_forward=True, state_dict_type="SHARDED_STATE_DICT", cpu_ram_efficient_loading=False)
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     AcceleratorState._shared_state["distributed_type"] = DistributedType.FSDP

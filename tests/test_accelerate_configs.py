@@ -3,7 +3,8 @@ comments say, checked without GPUs: each file parses (no unknown keys, at the to
 fsdp_config / deepspeed_config); `accelerate launch`'s own validation turns it into the environment
 it would hand the training processes; and from that environment accelerate builds the FSDP or
 DeepSpeed plugin the scripts' Accelerator would get. Two mistakes these caught: an FSDP class list
-naming a class the model does not have (accelerate refuses it), and DeepSpeed configs with no
+naming a class the model does not have (accelerate refuses it; the configs now name none and take the
+model's own, for every family), and DeepSpeed configs with no
 integer micro-batch size (accelerate.prepare refuses them when no DataLoader is prepared, which is
 how the scripts call it)."""
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 
 from minivr1 import tiny
 from minivr1.policy import TokenLogprobs
+from conftest import FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
@@ -61,24 +63,31 @@ def test_config_parses_with_known_keys(path):
 
 
 @pytest.mark.parametrize("name, offload", [("fsdp.yaml", False), ("fsdp_offload.yaml", True)])
-def test_fsdp_wraps_every_decoder_layer_and_vision_block(name, offload, launched):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fsdp_wraps_every_decoder_layer_and_vision_block(name, offload, family, launched):
+    """The configs name no layer classes: accelerate takes the model's own `_no_split_modules`, which
+    policy.TokenLogprobs passes on, so the same file shards every family by its decoder layers and
+    vision blocks (Idefics3 declares its vision attention, not its vision layers)."""
     from accelerate.utils import FullyShardedDataParallelPlugin
     from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
     from torch.distributed.fsdp import CPUOffloadPolicy
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock
 
     launched(name)
     plugin = FullyShardedDataParallelPlugin()
     assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
     assert isinstance(plugin.cpu_offload, CPUOffloadPolicy) == offload
     with torch.device("meta"):
-        hf = Qwen2_5_VLForConditionalGeneration(tiny.build_config("tiny", tiny.build_tokenizer()))
+        hf = tiny.model_class(family)(tiny.build_config("tiny", tiny.build_tokenizer(family=family), family))
     policy = TokenLogprobs(hf)              # the module the scripts hand to accelerator.prepare
     wrap = fsdp2_prepare_auto_wrap_policy(plugin, policy)     # raises on a class the model lacks
     wrapped = [m for m in policy.modules() if wrap(m)]
-    layers = [m for m in policy.modules() if isinstance(m, (Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock))]
-    assert wrapped == layers and len(layers) == 2 + 2         # tiny: 2 decoder layers, 2 vision blocks
+    units = {"qwen2_5_vl": ("Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"),
+             "qwen3_vl": ("Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock"),
+             "qwen3_5": ("Qwen3_5DecoderLayer", "Qwen3_5VisionBlock"),
+             "idefics3": ("LlamaDecoderLayer", "Idefics3VisionAttention")}[family]
+    layers = [m for m in policy.modules() if type(m).__name__ in units]
+    decoder, vision = hf.config.text_config.num_hidden_layers, 2      # the tiny models: 2 vision blocks
+    assert wrapped == layers and len(layers) == decoder + vision and set(policy._no_split_modules) == set(units)
 
 
 @pytest.mark.parametrize("name, stage", [("zero2.yaml", 2), ("zero3.yaml", 3)])

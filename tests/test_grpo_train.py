@@ -208,7 +208,7 @@ def test_lora_reference_is_the_sft_model(model_dir, toy_dir, processor, tmp_path
     from peft import LoraConfig, PeftModel, get_peft_model
 
     base = models.load_policy(model_dir, mode="full", dtype="fp32")
-    sft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=models.LORA_TARGET))
+    sft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=models.lora_targets(base)))
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in sft.named_parameters():

@@ -21,9 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["train_sft.py", "train_grpo.py", "evaluate.py", "bridge.py"]
 # python -m module --help: what each must mention (positional arguments, options, sub-commands)
 MODULES = {
-    "minivr1.toy": ["out_dir", "--n_train", "--n_eval", "--n_cold", "--seed", "--model_size"],
-    "minivr1.tiny": ["out_dir", "--seed", "tiny", "small", "3b", "7b"],
-    "minivr1.models": ["merge", "ADAPTER_DIR", "OUT_DIR"],
+    "minivr1.toy": ["out_dir", "--n_train", "--n_eval", "--n_cold", "--seed", "--model_size", "--family"],
+    "minivr1.tiny": ["out_dir", "--seed", "--family", "--params", "tiny", "small", "qwen2_5_vl", "sizes tiny, small, 3b, 7b",
+                     "qwen3_vl", "sizes tiny, small, 4b, 8b", "qwen3_5", "sizes tiny, small, 4b, 9b", "idefics3"],
+    "minivr1.models": ["merge", "ADAPTER_DIR", "OUT_DIR", "fsdp-classes"],
 }
 
 

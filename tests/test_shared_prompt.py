@@ -14,8 +14,19 @@ from minivr1 import data, models
 from minivr1.chat import problem_messages, prompt_batch
 from minivr1.policy import TokenLogprobs, completion_logprobs
 from minivr1.rollout import HFEngine, make_engine
-from minivr1.shared_prompt import SharedPrefixEngine, shared_prompt_hidden
-from conftest import make_eos_likely
+from minivr1.shared_prompt import SUPPORTED, SharedPrefixEngine, shared_prompt_hidden, supports
+from conftest import FAMILIES, make_eos_likely
+
+
+@pytest.fixture(scope="module", params=SUPPORTED)
+def family(request):
+    """The speed-ups are checked on every family they declare (and only used there: last test)."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def processor(family, family_dir):
+    return models.load_processor(family_dir(family))
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +39,9 @@ def problems(toy_dir):
 
 
 @pytest.fixture(scope="module")
-def eos_model(tiny_model_dir, processor, problems):
-    """The tiny model with <|im_end|> made likely, so completions stop at different lengths."""
-    model = models.load_for_inference(tiny_model_dir, dtype="fp32")
+def eos_model(family, family_dir, processor, problems):
+    """The tiny model with its end-of-turn token made likely, so completions stop at different lengths."""
+    model = models.load_for_inference(family_dir(family), dtype="fp32")
     batch = prompt_batch(processor, problems, repeat=4)
     make_eos_likely(model, processor, batch, 16)
     return model
@@ -119,7 +130,7 @@ def test_shared_prompt_logprobs_and_gradients_match_the_plain_forward(eos_model,
 
 
 def test_shared_prompt_logprobs_text_only(eos_model, processor):
-    """No images: plain 0..T-1 positions, as the plain forward uses."""
+    """No images: 1-D positions counting the attention mask, as the plain forward (and generate) number them."""
     tok = processor.tokenizer
     tok.padding_side = "left"
     enc = tok(["How many red shapes?", "Which color appears most often in the image?"], return_tensors="pt",
@@ -136,3 +147,20 @@ def test_shared_prompt_logprobs_text_only(eos_model, processor):
         shared = TokenLogprobs(eos_model, share_prompt=True)(full_ids, full_mask, score, prompt_len=ids.shape[1],
                                                              group_sizes=[G, G])
     torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("other", [f for f in FAMILIES if f not in SUPPORTED])
+def test_other_families_take_the_plain_paths(other, family_dir, toy_dir, problems):
+    """A family the speed-ups do not declare is never run through them: the shared-prefix engine samples
+    exactly what the reference engine samples, and the log-prob module runs the plain forward."""
+    model = models.load_for_inference(family_dir(other), dtype="fp32")
+    proc = models.load_processor(family_dir(other))
+    assert not supports(model) and not TokenLogprobs(model, share_prompt=True).share_prompt
+
+    def run(engine):
+        torch.manual_seed(3)
+        return engine.generate(problems, 2, 6)
+
+    plain, shared = run(HFEngine(model, proc, 1.0, 1.0)), run(SharedPrefixEngine(model, proc, 1.0, 1.0))
+    assert torch.equal(shared.completion_ids, plain.completion_ids) and shared.texts == plain.texts
+    assert make_engine("shared_prefix", model, proc, 1.0, 1.0).name == "hf"      # what train_grpo.py reports

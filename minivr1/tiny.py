@@ -114,11 +114,13 @@ def build(size: str, out_dir: str | Path, seed: int = 0, dtype: torch.dtype = to
     """Build a randomly initialised Qwen2.5-VL of `size` and save it (with processor) to `out_dir`."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from minivr1.models import ImageOnlyQwenProcessor, save_processor
+    from minivr1.checkpoint import share_modes
+    from minivr1.models import ImageOnlyQwenProcessor, quiet_deepspeed_on_cpu, save_processor
 
     if size not in SIZES:
         raise ValueError(f"unknown tiny-model size {size!r}; choose one of {sorted(SIZES)}")
     out = Path(out_dir)
+    quiet_deepspeed_on_cpu()                          # transformers' save imports DeepSpeed, which says it found no GPU
     tokenizer = build_tokenizer()
     config = build_config(size, tokenizer)
     torch.manual_seed(seed)
@@ -128,6 +130,7 @@ def build(size: str, out_dir: str | Path, seed: int = 0, dtype: torch.dtype = to
     model.generation_config.do_sample = False
     model.save_pretrained(out)
     save_processor(ImageOnlyQwenProcessor(build_image_processor(), tokenizer, chat_template=CHAT_TEMPLATE), out)
+    share_modes(out)                                  # safetensors writes its file 0600
     return out
 
 

@@ -31,11 +31,14 @@ The paper's models: Qwen2.5-VL-72B served by vLLM (or -7B-Instruct, --tensor-par
         --mllm Qwen/Qwen2.5-VL-72B-Instruct --mllm_backend openai --mllm_api_base http://localhost:8000/v1 \\
         --reasoner deepseek-reasoner --reasoner_backend openai --reasoner_api_base https://api.deepseek.com \\
         --reasoner_api_key_env DEEPSEEK_API_KEY
-    python train_sft.py --data runs/bridge/cold_start.json ...      # images resolve from its folder
+    python train_sft.py --config configs/sft_lora_1gpu.yaml --data runs/bridge/cold_start.json   # images: its folder
 
 Never lose work: each result is appended to its stage file the moment it arrives, keyed by
 record id. Rerun the same command after a crash, Ctrl-C or kill: finished records are not redone,
 a torn last line is dropped and redone, and filtering (cheap) is recomputed from the stage files.
+args.json records what made the replies; a rerun with other models, prompts or sampling stops and
+names the difference (the filter's thresholds, --limit and the server options may change;
+--overwrite deletes the stage files and starts over).
 
 Departures from the paper:
 1. The prompts of steps 1 and 3 are ours (the paper describes these steps, not their prompts);
@@ -52,12 +55,11 @@ Departures from the paper:
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minivr1 import backends, bridging, cli, config, data, grader
+from minivr1 import backends, bridging, cli, data, grader, rundir
 from minivr1.backends import ChatRequest, Sampling
 from minivr1.data import DEFAULT_MAX_PIXELS
 from minivr1.tracking import print0, progress_bar
@@ -67,15 +69,16 @@ STAGE_FILES = ["stage1_pseudo_cot.jsonl", "stage2_description.jsonl", "stage3_re
 
 @dataclass
 class Args(backends.ClientArgs):            # + the server options: --concurrency, --request_timeout, --max_retries, ...
-    data: str = field(default="runs/toy/data/rl_train.jsonl", metadata={"help": "problems with ground-truth answers: RL (Vision-R1-rl / geometry3k) or MathVista layout, JSON/JSONL/parquet"})
+    data: str = field(kw_only=True, metadata={"help": "problems with ground-truth answers: RL (Vision-R1-rl / geometry3k) or MathVista layout, JSON/JSONL/parquet"})
     image_root: str | None = field(default=None, metadata={"help": "directory image paths are relative to (default: the data file's directory)"})
-    output_dir: str = field(default="runs/toy/bridge", metadata={"help": "stage files, cold_start.json, report.json; rerun with the same one to resume"})
+    output_dir: str = field(kw_only=True, metadata={"help": "stage files, cold_start.json, report.json; rerun with the same one to resume"})
+    overwrite: bool = field(default=False, metadata={"help": "delete the stage files, cold_start.json, report.json and images/ already in output_dir and start over"})
     limit: int = field(default=0, metadata={"help": "bridge only the first N problems (0 = all)"})
-    mllm: str = field(default="runs/toy/base", metadata={"help": "steps 1-2: local checkpoint / hub id, or the served model name with --mllm_backend openai"})
+    mllm: str = field(kw_only=True, metadata={"help": "steps 1-2: local checkpoint / hub id, or the served model name with --mllm_backend openai"})
     mllm_backend: str = field(default="vlm", metadata={"help": "steps 1-2: a local image-text-to-text model, or an OpenAI-compatible server", "choices": ["vlm", "openai"]})
     mllm_api_base: str | None = field(default=None, metadata={"help": "with --mllm_backend openai: base URL, e.g. http://localhost:8000/v1 (vllm serve)"})
     mllm_api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "NAME of the environment variable holding the MLLM server's API key (unset: no key)"})
-    reasoner: str = field(default="runs/toy/base", metadata={"help": "step 3: local checkpoint / hub id, or the served model name (e.g. deepseek-reasoner)"})
+    reasoner: str = field(kw_only=True, metadata={"help": "step 3: local checkpoint / hub id, or the served model name (e.g. deepseek-reasoner)"})
     reasoner_backend: str = field(default="vlm", metadata={"help": "step 3: a local VLM used text-only, a local causal LM (AutoModelForCausalLM), or an OpenAI-compatible server", "choices": ["vlm", "causal_lm", "openai"]})
     reasoner_api_base: str | None = field(default=None, metadata={"help": "with --reasoner_backend openai: base URL, e.g. https://api.deepseek.com"})
     reasoner_api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "NAME of the environment variable holding the reasoner server's API key (e.g. DEEPSEEK_API_KEY)"})
@@ -95,6 +98,15 @@ class Args(backends.ClientArgs):            # + the server options: --concurrenc
     skip_bad_records: bool = field(default=False, metadata={"help": "skip malformed records (counted and reported) instead of stopping"})
     max_image_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={"help": "reject images larger than this many pixels"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow custom model code from local checkpoints"})
+
+
+# What a rerun may change and still continue the stage files in output_dir: none changes a reply (filtering is
+# recomputed from the stage files on every run, so its thresholds may change too). Any other difference stops it.
+RESUME_MAY_CHANGE = ("output_dir", "overwrite", "limit", "batch_size", "min_words", "max_words", "max_repeats",
+                     "skip_bad_records", "max_image_pixels", "trust_remote_code", "mllm_api_base", "reasoner_api_base",
+                     "mllm_api_key_env", "reasoner_api_key_env", "concurrency", "connect_timeout", "request_timeout",
+                     "max_retries", "backoff_base", "backoff_max")
+OUTPUTS = (*STAGE_FILES, "cold_start.json", "report.json", "filter_log.jsonl", "images", "args.json")
 
 
 class Models:
@@ -172,18 +184,12 @@ def main(args: Args, mllm=None, reasoner=None) -> dict:
     for role in given:
         if getattr(args, f"{role}_backend") == "openai" and not getattr(args, f"{role}_api_base") and not given[role]:
             raise SystemExit(f"--{role}_backend openai needs --{role}_api_base (e.g. http://localhost:8000/v1)")
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / "args.json").exists():
-        old = json.loads((out / "args.json").read_text())
-        changed = [k for k, v in dataclasses.asdict(args).items() if k in old and old[k] != v]
-        if changed:
-            print0(f"note: {out} holds a run with other arguments ({', '.join(changed)}); its finished records "
-                   "are kept, not redone. Use a new --output_dir to start over.")
-    config.save_args(args, out / "args.json")            # the key's variable NAME only, never the key
+    out = rundir.claim(args.output_dir, args.overwrite, outputs=OUTPUTS)      # ours alone: a lock
     problems, read_report = data.read_problems(args.data, args.image_root, skip_bad=args.skip_bad_records,
                                                max_image_pixels=args.max_image_pixels)
     print0(read_report.summary())
+    # args.json holds the key's variable NAME only, never the key
+    rundir.check_settings(out, args, RESUME_MAY_CHANGE, {"data_bytes": Path(args.data).stat().st_size})
     problems = problems[:args.limit] if args.limit else problems
     models = Models(args, given)
     see = Sampling(args.mllm_max_new_tokens, args.mllm_temperature, args.top_p)

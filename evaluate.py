@@ -6,12 +6,12 @@ release formats each reader takes, the prompts, the answer rules, the metrics). 
 
 1. Generate with a model (a hub id, a full checkpoint dir, or a LoRA adapter dir):
     python evaluate.py --model runs/toy/sft/final --data runs/toy/data/eval.jsonl --output_dir runs/toy/eval-sft
-    python evaluate.py --model Qwen/Qwen2.5-VL-7B-Instruct --data testmini.json --image_root mathvista/ \
+    python evaluate.py --model Qwen/Qwen2.5-VL-7B-Instruct --data testmini.json --image_root mathvista/ \\
         --output_dir runs/mathvista --max_new_tokens 16000
    The paper's table in one run: one --data entry per benchmark, in the order of --benchmark (an
    entry is a file, a folder, or a quoted glob; e.g. DynaMath's ten variant files):
-    python evaluate.py --model runs/vision-r1/final --benchmark mathvista,mathverse,mmmath,dynamath \
-        --data mathvista/testmini.json,mathverse/,mm_math/MM_Math.jsonl,'dynamath/trial*/dataset.json' \
+    python evaluate.py --model runs/vision-r1/final --benchmark mathvista,mathverse,mmmath,dynamath \\
+        --data mathvista/testmini.json,mathverse/,mm_math/MM_Math.jsonl,'dynamath/trial*/dataset.json' \\
         --image_root mathvista/,mathverse/images/,mm_math/images/, --output_dir runs/paper
    Each benchmark gets output_dir/<benchmark>/ and a table with the paper's columns is printed
    (and saved in output_dir/summary.json). --benchmark auto (the default) tells each entry's
@@ -20,7 +20,7 @@ release formats each reader takes, the prompts, the answer rules, the metrics). 
    Or generate through an OpenAI-compatible server (e.g. `vllm serve runs/vision-r1/final`), at the
    server's speed and with the same scoring; the key, if the server needs one, is read from the
    environment variable named by --api_key_env and never printed or saved:
-    python evaluate.py --api_base http://localhost:8000/v1 --api_model runs/vision-r1/final \
+    python evaluate.py --api_base http://localhost:8000/v1 --api_model runs/vision-r1/final \\
         --data testmini.json --image_root mathvista/ --output_dir runs/mathvista --concurrency 64
    Images go inline (base64 data URLs); a server's separate reasoning field is put back between
    <think> tags (minivr1.backends.raw_response); lengths are the server's usage.completion_tokens,
@@ -28,7 +28,8 @@ release formats each reader takes, the prompts, the answer rules, the metrics). 
 2. Score predictions made elsewhere (e.g. by vLLM or VLMEvalKit), no model and no images needed
    (image files are never opened): records in the benchmark's schema plus a `response` (or
    VLMEvalKit's `prediction`) field:
-    python evaluate.py --benchmark mathverse --predictions preds.jsonl --output_dir runs/scored [--tokenizer MODEL]
+    python evaluate.py --benchmark mathverse --predictions preds.jsonl --output_dir runs/scored
+   (add --tokenizer MODEL for lengths in that model's tokens instead of words).
    For VLMEvalKit outputs (which hold an extracted answer or a raw reply, no tags) add
    --prompt_style official so that answers are found the benchmark's way.
 3. Try a model on one image, streaming its reasoning as it is generated:
@@ -43,20 +44,24 @@ every departure from the official protocols.
 Writes predictions.jsonl (id, response, extracted answer, correct, format_ok, length, count of
 "Wait", the benchmark's grouping fields) and summary.json (accuracy, format rate, length, accuracy
 by length, and the benchmark's own metrics). A rerun skips ids already in predictions.jsonl, so an
-interrupted evaluation resumes; it stops if the file holds another benchmark's or prompt style's.
+interrupted evaluation resumes; args.json records what made the predictions (model, data, prompt
+style, sampling), and a rerun that would mix them with another model's or other settings' stops and
+names the difference (the batch size, --limit and the server options may change; --overwrite
+deletes the predictions and starts over).
 
 Departure from the authors' harness: no re-sampling when </answer> is missing, and no LLM
 answer extraction or judge; with the plain style a response without an <answer> block scores 0.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from minivr1 import backends, benchmarks, cli, data, evaluation, models, rollout
+from minivr1 import backends, benchmarks, cli, data, evaluation, models, rollout, rundir, tracking
 from minivr1.chat import R1_ZERO_SYSTEM_PROMPT, prompt_batch
 from minivr1.tracking import print0, progress_bar
 
@@ -92,6 +97,16 @@ class Args(backends.ClientArgs):            # + the server options: --concurrenc
     api_base: str | None = field(default=None, metadata={"help": "generate through an OpenAI-compatible server instead of --model: its base URL, e.g. http://localhost:8000/v1 (vllm serve)"})
     api_model: str | None = field(default=None, metadata={"help": "with --api_base: the model name the server serves"})
     api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "with --api_base: NAME of the environment variable holding the API key (unset: no key); the key is never printed or saved"})
+    overwrite: bool = field(default=False, metadata={"help": "delete the predictions and summaries already in output_dir and start over"})
+
+
+# What a rerun may change and still add to the predictions in output_dir: none changes what is measured (the
+# same model, data, prompts and sampling distribution). Any other difference stops the rerun.
+RESUME_MAY_CHANGE = ("output_dir", "overwrite", "batch_size", "limit", "skip_bad_records", "trust_remote_code",
+                     "api_base", "api_key_env", "concurrency", "connect_timeout", "request_timeout", "max_retries",
+                     "backoff_base", "backoff_max", "image", "question")
+OUTPUTS = ("predictions.jsonl", "predictions.part*.jsonl", "summary.json", "args.json", "*/predictions.jsonl",
+           "*/predictions.part*.jsonl", "*/summary.json", "*/args.json")
 
 
 def one_off(args: Args) -> None:
@@ -193,6 +208,7 @@ def main(args: Args) -> dict | None:
         raise SystemExit("--model needs --data (the benchmark file)")
     if args.prompt_style not in benchmarks.STYLES:
         raise SystemExit(f"--prompt_style {args.prompt_style!r}: use one of {', '.join(benchmarks.STYLES)}")
+    rundir.claim(args.output_dir, args.overwrite, tracking.is_main_process(), OUTPUTS)   # ours alone: a lock
     runs = benchmarks.plan(args.benchmark, args.predictions or args.data, args.image_root)
     engine, main_process, summaries = None, True, {}
 
@@ -203,7 +219,12 @@ def main(args: Args) -> dict | None:
                                       with_images=not args.predictions)
         print0(f"{bench.title}: {report.summary()}")
         unit = "tokens"
+        settings = {**dataclasses.asdict(args), "benchmark": bench.name, "data": [str(f) for f in files],
+                    "image_root": None if image_root is None else str(image_root)}
+        made_by = {"made_by": "scoring" if args.predictions else "generating"}
         if args.predictions:                  # ---- score responses produced elsewhere ----
+            # written afresh: settings may change, but another run's generated predictions are not replaced
+            rundir.check_settings(out, settings, list(settings), made_by, is_main=tracking.is_main_process())
             records, unit = score_predictions(args, bench, problems, preds_path)
         else:                                 # ---- generate, resumably ----
             problems = problems[:args.limit] if args.limit else problems
@@ -215,6 +236,7 @@ def main(args: Args) -> dict | None:
             if made - {(bench.name, args.prompt_style)}:   # never mix two runs' records in one file
                 raise SystemExit(f"{preds_path} holds predictions made for {sorted(made)} (benchmark, prompt style), "
                                  f"not {bench.name} with --prompt_style {args.prompt_style}: use another --output_dir")
+            rundir.check_settings(out, settings, RESUME_MAY_CHANGE, made_by, is_main=tracking.is_main_process())
             todo = [p for p in problems if p.id not in done]
             print0(f"{len(problems)} problems, {len(done)} already in {preds_path}, {len(todo)} to generate")
             if args.api_base:

@@ -22,7 +22,10 @@ Several GPUs, full fine-tuning (the paper's setting):
 The toy task on a CPU:
     python train_grpo.py --config configs/toy_grpo_ptst.yaml
 
-Resume: rerun the same command (continues from output_dir/checkpoints/latest); Ctrl-C saves.
+Resume: rerun the same command (continues from output_dir's newest usable checkpoint); Ctrl-C saves. A rerun
+with settings that change results stops and names them (RESUME_MAY_CHANGE lists those that may change; more
+PTST steps after those already run continue the training); --overwrite deletes the run and starts over.
+training_curves.png (reward, accuracy, length, truncation, KL; stage boundaries marked) is drawn at the end.
 
 Choices where the paper is silent or departs from it (docs/walkthrough.md explains each):
 1. Loss aggregation: per-sequence mean, then mean over sequences (the paper's equation);
@@ -54,10 +57,10 @@ from pathlib import Path
 
 import torch
 
-from minivr1 import checkpoint, cli, data, distributed, grader, models, training
+from minivr1 import checkpoint, cli, data, distributed, grader, models, plots, rundir, training
 from minivr1 import grpo_variants as variants
 from minivr1.chat import R1_ZERO_SYSTEM_PROMPT
-from minivr1.config import arg, save_args
+from minivr1.config import arg, required
 from minivr1.dynamic_sampling import DynamicSampling
 from minivr1.grpo import group_advantages, grpo_loss, zero_variance_fraction
 from minivr1.policy import Reference, TokenLogprobs, completion_logprobs
@@ -69,10 +72,11 @@ from minivr1.tracking import Tracker, format_metrics, print0, progress_bar
 @dataclass
 class Args:
     # ---- model and data
-    model: str = arg("runs/toy/sft/final", "starting model: hub id, checkpoint dir, or LoRA adapter dir (merged in first)")
-    data: str = arg("runs/toy/data/rl_train.jsonl", "RL problems: Vision-R1-rl / geometry3k parquet or JSONL, or MathVista-style")
+    model: str = required("starting model: hub id, checkpoint dir, or LoRA adapter dir (merged in first)")
+    data: str = required("RL problems: Vision-R1-rl / geometry3k parquet or JSONL, or MathVista-style")
     image_root: str | None = arg(None, "folder image paths are relative to (default: the data file's folder)")
-    output_dir: str = arg("runs/toy/grpo", "run folder: checkpoints, metrics.jsonl, samples.jsonl, final/")
+    output_dir: str = required("run folder: checkpoints, metrics.jsonl, samples.jsonl, final/; rerun with the same "
+                               "one to resume")
     mode: str = arg("lora", "full fine-tuning, LoRA, or 4-bit QLoRA", choices=["full", "lora", "qlora"])
     dtype: str = arg("auto", "weight dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
     freeze_vision: bool = arg(True, "keep the vision tower frozen")
@@ -128,10 +132,20 @@ class Args:
     # ---- the run
     save_steps: int = arg(50, "checkpoint every N steps, and at every stage boundary (0: boundaries only)")
     keep_last: int = arg(2, "checkpoints to keep")
-    resume: str | None = arg("auto", "'auto': from output_dir's latest checkpoint if any; a path; or none")
+    resume: str | None = arg("auto", "'auto': from output_dir's newest usable checkpoint if any; a path; or none")
+    overwrite: bool = arg(False, "delete the run already in output_dir (checkpoints, final/, metrics) and start over")
     sample_every: int = arg(10, "write a few sample completions to samples.jsonl every N steps")
     report_to: str = arg("none", "extra trackers: none, tensorboard, wandb; metrics.jsonl is always written")
     seed: int = arg(0, "random seed (data order, sampling)")
+
+
+# What a rerun may change and still continue the run in output_dir: none of these changes what is computed
+# (micro-batching does not change the gradient; both rollout engines give the same samples). The stages (and
+# TRL's three single-stage flags) may change after the steps already run: the derived "ptst_stages" is checked
+# step by step (rundir). Any other difference stops the rerun.
+RESUME_MAY_CHANGE = ("output_dir", "resume", "overwrite", "save_steps", "keep_last", "sample_every", "report_to",
+                     "micro_batch_size", "rollout", "gradient_checkpointing", "logprob_chunk_size", "trust_remote_code",
+                     "skip_bad_records", "stages", "max_completion_length", "num_generations", "max_steps")
 
 
 def main(args: Args) -> Path:
@@ -151,11 +165,14 @@ def main(args: Args) -> Path:
     torch.manual_seed(args.seed)
     reward_fn = grader.load_reward(args.reward)
     system_prompt = {"none": None, "r1_zero": R1_ZERO_SYSTEM_PROMPT}.get(args.system_prompt, args.system_prompt)
-    out = Path(args.output_dir)
+    out = rundir.claim(args.output_dir, args.overwrite, accelerator.is_main_process)    # ours alone: a lock
 
     # ---- data, policy, reference, optimizer, rollout engine
     problems, report = data.read_problems(args.data, args.image_root, skip_bad=args.skip_bad_records)
     print0(report.summary())
+    rundir.check_settings(out, args, RESUME_MAY_CHANGE, {"ptst_stages": ",".join(map(str, stages)), "records":
+                          len(problems), "data_bytes": Path(args.data).stat().st_size}, args.resume,
+                          accelerator.is_main_process)
     processor = models.load_processor(args.model, args.max_pixels, args.trust_remote_code)
     model = models.load_policy(args.model, args.mode, args.dtype, args.gradient_checkpointing, args.freeze_vision,
                                args.lora_r, args.lora_alpha, lora_dropout=0.0, trust_remote_code=args.trust_remote_code)
@@ -196,8 +213,6 @@ def main(args: Args) -> Path:
     if rank:
         torch.manual_seed(args.seed + rank)
     step = training.resume_step(accelerator, out, args.resume)
-    if accelerator.is_main_process:
-        save_args(args, out / "args.json")
     tracker = Tracker(out, args.report_to, dataclasses.asdict(args), accelerator.is_main_process)
     print0(f"GRPO: {len(problems)} problems, {args.prompts_per_step} prompts/step over {world} processes, stages "
            f"{' -> '.join(str(s) for s in stages)}, {total_steps} steps, reward {args.reward}, beta {args.beta}, "
@@ -225,7 +240,7 @@ def main(args: Args) -> Path:
 
         # 3. rewards: pure functions of each completion's text (+ --overlong_buffer's length penalty, 0 by default);
         # 4. group-normalised advantages
-        scores = score(reward_fn, ro, batch, G, L, overlong)
+        scores = score(reward_fn, ro, batch, G, L, overlong, step + 1)
         training.check_finite("reward", scores["reward"], step + 1, out)
         adv = advantages(scores["reward"], G).to(accelerator.device)
 
@@ -291,17 +306,20 @@ def main(args: Args) -> Path:
     finished = step >= total_steps              # else stopped early: the checkpoint is the result
     if finished:
         training.save_final(accelerator, policy, processor, out / "final", args.model)
+        if accelerator.is_main_process:
+            plots.plot_run(out)
     del policy, optimizer, engine, reference
     distributed.shutdown(accelerator)
     return out / "final" if finished else out
 
 
-def score(reward_fn, ro, problems: list, G: int, L: int, overlong) -> dict[str, torch.Tensor]:
+def score(reward_fn, ro, problems: list, G: int, L: int, overlong, step: int = 0) -> dict[str, torch.Tensor]:
     """Each completion's reward, and (for the log) whether its answer is right and its format exact: [N] tensors;
     completion i answers problems[i // G]. The reward adds overlong(lengths, L), the --overlong_buffer penalty
-    (grpo_variants.overlong_penalty: zeros when off)."""
+    (grpo_variants.overlong_penalty: zeros when off). A reward that raises or returns no number is the user's to
+    fix: grader.call_reward names the step, the reward and the value."""
     texts, golds = ro.texts, [p for p in problems for _ in range(G)]
-    return {"reward": torch.tensor([float(reward_fn(t, p.answer, **p.grading_meta())) for t, p in zip(texts, golds)])
+    return {"reward": torch.tensor([grader.call_reward(reward_fn, t, p, step) for t, p in zip(texts, golds)])
             + overlong(ro.completion_mask.sum(1), L),
             "correct": torch.tensor([grader.accuracy_reward(t, p.answer, **p.grading_meta()) for t, p in zip(texts, golds)]),
             "format": torch.tensor([grader.format_reward(t) for t in texts])}

@@ -5,16 +5,18 @@ modality bridging (Vision-R1-cold, LLaMA-Factory sharegpt format; see README "Da
 which turns Qwen2.5-VL-7B-Instruct into Vision-R1-CI. Loss on assistant tokens only.
 
 One GPU, LoRA (or --mode qlora for 4-bit):
-    python train_sft.py --model Qwen/Qwen2.5-VL-7B-Instruct --data vision_r1_cold.json \
+    python train_sft.py --model Qwen/Qwen2.5-VL-7B-Instruct --data vision_r1_cold.json \\
         --image_root images/ --output_dir runs/sft --mode lora
 Several GPUs, full fine-tuning (the paper's setting) with DeepSpeed ZeRO-3 or FSDP:
-    accelerate launch --config_file configs/accelerate/zero3.yaml train_sft.py \
-        --config configs/sft_paper.yaml --mode full
+    accelerate launch --config_file configs/accelerate/zero3.yaml train_sft.py \\
+        --config configs/sft_paper.yaml --data vision_r1_cold.json --image_root images/
 The toy task on a CPU (what `scripts/toy_pipeline.sh` runs):
     python train_sft.py --config configs/toy_sft.yaml
 
-Resume: rerun the same command; it continues from output_dir/checkpoints/latest (or pass
---resume PATH, or --resume none to start over). Ctrl-C saves a checkpoint and exits.
+Resume: rerun the same command; it continues from output_dir's newest usable checkpoint (or pass
+--resume PATH). A rerun with settings that change what is trained stops and names them (RESUME_MAY_CHANGE
+lists those that may change); --overwrite deletes the previous run and starts over. Ctrl-C saves a
+checkpoint and exits. training_curves.png (loss, learning rate) is drawn when the run finishes.
 
 Departures from the paper's released config:
 1. The loss is the mean over all assistant tokens of the global batch (every micro-batch and
@@ -33,9 +35,9 @@ from pathlib import Path
 
 import torch
 
-from minivr1 import checkpoint, cli, data, distributed, models, training
+from minivr1 import checkpoint, cli, data, distributed, models, plots, rundir, training
 from minivr1.chat import SFTCollator
-from minivr1.config import arg, save_args
+from minivr1.config import arg, required
 from minivr1.data import DEFAULT_MAX_PIXELS
 from minivr1.policy import TokenLogprobs
 from minivr1.tracking import Tracker, format_metrics, print0, progress_bar
@@ -44,10 +46,10 @@ from minivr1.tracking import Tracker, format_metrics, print0, progress_bar
 @dataclass
 class Args:
     # ---- model and data
-    model: str = arg("runs/toy/base", "starting model: hub id or local dir")
-    data: str = arg("runs/toy/data/cold_start.json", "cold-start SFT data (sharegpt JSON/JSONL)")
+    model: str = required("starting model: hub id or local dir")
+    data: str = required("cold-start SFT data (sharegpt JSON/JSONL)")
     image_root: str | None = arg(None, "folder image paths are relative to (default: the data file's folder)")
-    output_dir: str = arg("runs/toy/sft", "run folder: checkpoints, metrics.jsonl, final/")
+    output_dir: str = required("run folder: checkpoints, metrics.jsonl, final/; rerun with the same one to resume")
     mode: str = arg("full", "full fine-tuning, LoRA, or 4-bit QLoRA", choices=["full", "lora", "qlora"])
     dtype: str = arg("auto", "weight dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
     freeze_vision: bool = arg(True, "keep the vision tower frozen (the paper's SFT)")
@@ -72,33 +74,45 @@ class Args:
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     logprob_chunk_size: int = arg(512, "label tokens per LM-head chunk (working memory ~2 x chunk x vocab x 4 bytes: 0.54 GiB at 512 with Qwen's vocabulary)")
     # ---- the run
-    save_steps: int = arg(200, "checkpoint every N optimizer steps (0 = only at the end)")
+    save_steps: int = arg(200, "checkpoint every N optimizer steps, and at the end (0 = only at the end)")
     keep_last: int = arg(2, "checkpoints to keep")
-    resume: str | None = arg("auto", "'auto': from output_dir's latest checkpoint if any; a path; or none")
+    resume: str | None = arg("auto", "'auto': from output_dir's newest usable checkpoint if any; a path; or none")
+    overwrite: bool = arg(False, "delete the run already in output_dir (checkpoints, final/, metrics) and start over")
     logging_steps: int = arg(10, "log metrics every N optimizer steps")
     report_to: str = arg("none", "extra trackers: none, tensorboard, wandb (comma-separated); metrics.jsonl is always written")
     seed: int = arg(0, "random seed (data order, LoRA init)")
 
 
+# What a rerun may change and still continue the run in output_dir: none of these changes what is trained
+# (the split of the global batch into micro-batches and accumulation does not change the gradient, which is
+# that of the global batch: "global_batch", a derived value, must match). Any other difference stops the rerun.
+RESUME_MAY_CHANGE = ("output_dir", "resume", "overwrite", "save_steps", "keep_last", "logging_steps", "report_to",
+                     "per_device_batch_size", "gradient_accumulation_steps", "gradient_checkpointing",
+                     "logprob_chunk_size", "trust_remote_code", "skip_bad_records", "max_image_pixels")
+
+
 def main(args: Args) -> Path:
     accelerator = distributed.make_accelerator(args.gradient_accumulation_steps)
     torch.manual_seed(args.seed)
-    out = Path(args.output_dir)
+    out = rundir.claim(args.output_dir, args.overwrite, accelerator.is_main_process)    # ours alone: a lock
 
     # ---- data
     convs, report = data.read_sft(args.data, args.image_root, skip_bad=args.skip_bad_records,
                                   max_image_pixels=args.max_image_pixels)
     print0(report.summary())
-    processor = models.load_processor(args.model, args.max_pixels, args.trust_remote_code)
-    collate = SFTCollator(processor, args.max_length)
     world, rank = accelerator.num_processes, accelerator.process_index
     micro, accum = args.per_device_batch_size, args.gradient_accumulation_steps
     global_batch = micro * world * accum
     steps_per_epoch = len(convs) // global_batch
     total_steps = args.max_steps or math.ceil(args.num_train_epochs * steps_per_epoch)
-    if total_steps <= 0:
+    if steps_per_epoch <= 0 or total_steps <= 0:
         raise cli.UserError(f"{len(convs)} conversations make no full global batch of {global_batch} "
                             f"(= {micro} x {world} processes x {accum} accumulation): lower the batch size")
+    args.max_steps, args.num_train_epochs = total_steps, total_steps / steps_per_epoch     # args.json: what runs
+    rundir.check_settings(out, args, RESUME_MAY_CHANGE, {"global_batch": global_batch, "records": len(convs),
+                          "data_bytes": Path(args.data).stat().st_size}, args.resume, accelerator.is_main_process)
+    processor = models.load_processor(args.model, args.max_pixels, args.trust_remote_code)
+    collate = SFTCollator(processor, args.max_length)
 
     # ---- model, optimizer, schedule
     model = models.load_policy(args.model, args.mode, args.dtype, args.gradient_checkpointing, args.freeze_vision,
@@ -115,8 +129,6 @@ def main(args: Args) -> Path:
     loss_scale = distributed.global_loss_scale(accelerator)
 
     step = training.resume_step(accelerator, out, args.resume)
-    if accelerator.is_main_process:
-        save_args(args, out / "args.json")
     tracker = Tracker(out, args.report_to, dataclasses.asdict(args), accelerator.is_main_process)
     print0(f"SFT: {len(convs)} conversations, global batch {global_batch} = {micro} x {world} processes x {accum} "
            f"accumulation, {total_steps} steps ({steps_per_epoch} per epoch)")
@@ -160,7 +172,7 @@ def main(args: Args) -> Path:
             if not bar.disable:
                 bar.write(format_metrics({"step": step, **metrics}))
         stop_now = distributed.any_process(accelerator, stop.requested)
-        if (args.save_steps and step % args.save_steps == 0) or stop_now:
+        if (args.save_steps and step % args.save_steps == 0) or step == total_steps or stop_now:
             checkpoint.save_checkpoint(accelerator, out, step, {"step": step}, policy, args.keep_last)
         if stop_now:
             print0(f"stopped at step {step}; rerun the same command to resume")
@@ -173,6 +185,8 @@ def main(args: Args) -> Path:
     finished = step >= total_steps
     if finished:
         training.save_final(accelerator, policy, processor, out / "final", args.model)
+        if accelerator.is_main_process:
+            plots.plot_run(out)
     del policy, optimizer
     distributed.shutdown(accelerator)
     return out / "final" if finished else out

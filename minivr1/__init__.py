@@ -21,8 +21,10 @@ are the stages; these are what they call):
   training runs
     training       the optimizer and schedule, data order, the optimizer step, stop signals, resume, final save
     distributed    what differs between one process, DDP, FSDP2 and DeepSpeed ZeRO, in one place
-    checkpoint     atomic, exactly-resumable training checkpoints
+    checkpoint     atomic, exactly-resumable training checkpoints, verified before use
+    rundir         the run folder: one run at a time (a lock); a rerun continues only with the same settings
     tracking       metrics file, tensorboard/wandb, rank-0 printing, progress bars
+    plots          training_curves.png of a run (python -m minivr1.plots RUN_DIR)
     config         dataclass arguments through transformers' HfArgumentParser, YAML presets
     cli            running a script: a user's error ends in one line
   bridging and evaluation

@@ -32,7 +32,7 @@ USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryErr
 def run(main, args_class, description: str | None = None, argv: list[str] | None = None):
     """Parse `argv` into `args_class` (see minivr1.config), call `main(args)` and return its result;
     a user's error ends the process with one line (see the module docstring)."""
-    from minivr1 import config
+    from minivr1 import config, rundir
 
     try:
         return main(config.parse_args(args_class, argv, description=description))
@@ -42,3 +42,5 @@ def run(main, args_class, description: str | None = None, argv: list[str] | None
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"error: {message}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_USER_ERROR) from None
+    finally:
+        rundir.release_all()               # the output folder's lock (the process's end would drop it too)

@@ -12,6 +12,8 @@ open-r1's and LLaMA-Factory's scripts are), plus YAML presets.
 Priority, lowest first: the dataclass defaults, `--config preset.yaml` (a mapping `field_name:
 value`, checked key by key), then command-line flags. Booleans: `--freeze_vision`,
 `--freeze_vision false`, `--no_freeze_vision`. `X | None` string fields take `none` for None.
+A field declared `required(help)` has no default: a flag or the preset must give it (the data, the
+model and the output folder: no silent toy defaults outside the toy's presets).
 Every field must have help text (`arg(default, help)`): building the parser fails otherwise, so
 the `--help` test catches an undocumented hyperparameter. `save_args` writes a run's exact
 arguments as JSON.
@@ -23,6 +25,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import re
 import sys
 import types
 import typing
@@ -47,15 +50,24 @@ def arg(default: Any, help: str, **argparse_kwargs) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, **argparse_kwargs})
 
 
+def required(help: str, **argparse_kwargs) -> Any:
+    """A field with no default: the flag (or the --config preset) must give it. Keyword-only, so it may
+    come after fields with defaults."""
+    return dataclasses.field(kw_only=True, metadata={"help": help, **argparse_kwargs})
+
+
 class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the docstring's line breaks; appends "(default: X)" unless the help already says it."""
+    """Keeps the docstring's line breaks; shows the default once: "(paper: X)" gets "(the default)" where the
+    default is the paper's value, else "(default: X)" is appended unless the help says what it is."""
 
     def _get_help_string(self, action):
         text = (action.help or "").replace("%", "%%")          # a literal % in a help text
-        if action.default not in (None, argparse.SUPPRESS, False) and "default" not in text and action.option_strings \
-                and not action.option_strings[0].startswith("--no"):
-            text += " (default: %(default)s)"
-        return text
+        if action.default in (None, argparse.SUPPRESS, False) or not action.option_strings \
+                or action.option_strings[0].startswith("--no") or re.search(r"\(default\b|\bdefault:", text):
+            return text
+        if f"(paper: {action.default})" in text:
+            return text + " (the default)"
+        return text + " (default: %(default)s)"
 
 
 def make_parser(cls: type, description: str | None = None):
@@ -180,7 +192,7 @@ def save_args(args: Any, path: str | Path) -> None:
 def load_args(cls: type[T], path: str | Path) -> T:
     """Reads arguments written by `save_args` back into `cls`; an unknown key is an error."""
     path = Path(path)
-    values = json.loads(path.read_text())
+    values = {k: v for k, v in json.loads(path.read_text()).items() if k != "derived"}   # rundir's derived values
     names = {f.name for f in _fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:

@@ -39,15 +39,27 @@ def _rate(records, key) -> float | None:
 
 
 def length_buckets(records: list[dict], n_buckets: int = 4) -> list[dict]:
-    """Split records into `n_buckets` equal-count buckets by length; accuracy of each."""
+    """Split records into up to `n_buckets` buckets of about equal count by length; accuracy of each.
+
+    A length is never split between buckets (the answers of a model that runs every answer to the length
+    limit would otherwise fill "64-64" buckets that differ only by sort order): each cut between equal-count
+    buckets moves to the nearest place where the length changes, so ties can leave fewer buckets."""
     ordered = sorted(records, key=lambda r: r["length"])
+    n = len(ordered)
+    changes = [i for i in range(n + 1) if i in (0, n) or ordered[i - 1]["length"] != ordered[i]["length"]]
+    cuts = sorted({min(changes, key=lambda c: (abs(c - b * n / n_buckets), -c)) for b in range(n_buckets + 1)})
     out = []
-    for b in range(n_buckets):
-        chunk = ordered[b * len(ordered) // n_buckets:(b + 1) * len(ordered) // n_buckets]
-        if chunk:
-            out.append({"min_length": chunk[0]["length"], "max_length": chunk[-1]["length"], "n": len(chunk),
-                        "accuracy": _rate(chunk, "correct")})
+    for lo, hi in zip(cuts, cuts[1:]):
+        chunk = ordered[lo:hi]
+        out.append({"min_length": chunk[0]["length"], "max_length": chunk[-1]["length"], "n": len(chunk),
+                    "accuracy": _rate(chunk, "correct")})
     return out
+
+
+def bucket_label(bucket: dict) -> str:
+    """'64' for a bucket of one length, else '1-63'."""
+    lo, hi = bucket["min_length"], bucket["max_length"]
+    return f"{lo}" if lo == hi else f"{lo}-{hi}"
 
 
 def summarize(records: list[dict], length_unit: str = "tokens", benchmark=None) -> dict:
@@ -95,7 +107,7 @@ def format_summary(summary: dict, title: str = "") -> str:
     if counts:
         lines.append("  " + ", ".join(counts))
     lines.append("  accuracy by length: " + ", ".join(
-        f"{b['min_length']}-{b['max_length']}: {b['accuracy']:.0%}" for b in summary["accuracy_by_length"]))
+        f"{bucket_label(b)}: {b['accuracy']:.0%}" for b in summary["accuracy_by_length"]))
     return "\n".join(lines)
 
 

@@ -50,6 +50,8 @@ from fractions import Fraction
 
 import sympy
 
+from minivr1.cli import UserError
+
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 END_TOKENS = ("<|im_end|>", "<|endoftext|>")
 MAX_ANSWER_CHARS = 10_000  # no real final answer is longer; keeps grading cheap on runaways
@@ -475,10 +477,43 @@ def load_reward(name: str):
         return REWARDS[name]
     module, sep, attr = name.partition(":")
     if not sep:
-        raise ValueError(f"unknown reward {name!r}: use one of {sorted(REWARDS)} or 'module:function'")
+        raise RewardError(f"unknown reward {name!r}: use one of {sorted(REWARDS)} or 'module:function'")
     import importlib
 
-    fn = getattr(importlib.import_module(module), attr, None)
+    try:
+        fn = getattr(importlib.import_module(module), attr, None)
+    except ImportError as e:
+        raise RewardError(f"--reward {name!r}: cannot import {module} ({e}). Check the module path (it must be "
+                          "importable from the current folder or PYTHONPATH)") from e
     if not callable(fn):
-        raise ValueError(f"reward {name!r}: {module} has no function {attr!r}")
+        raise RewardError(f"reward {name!r}: {module} has no function {attr!r}")
     return fn
+
+
+class RewardError(UserError, ValueError):
+    """A reward that cannot be loaded or that fails on a completion; the message says which and where."""
+
+
+def call_reward(reward_fn, text: str, problem, step: int) -> float:
+    """`reward_fn`'s score of one completion of `problem` as a float. A reward that raises, or returns
+    something that is not a number, ends the run with one line naming the step, the reward and the value
+    (a user's reward: RewardError is a UserError)."""
+    import numbers
+
+    name = next((k for k, f in REWARDS.items() if f is reward_fn), None) or \
+        f"{getattr(reward_fn, '__module__', '?')}:{getattr(reward_fn, '__qualname__', repr(reward_fn))}"
+    where = f"on problem {problem.id} (completion {text[:60]!r}{'...' if len(text) > 60 else ''})"
+    try:
+        value = reward_fn(text, problem.answer, **problem.grading_meta())
+    except Exception as e:  # noqa: BLE001 - any failure of a user's function is reported the same way
+        raise RewardError(f"step {step}: reward {name!r} raised {type(e).__name__}: {e} {where}. Fix the reward "
+                          "function; MINIVR1_DEBUG=1 shows the traceback") from e
+    if not isinstance(value, numbers.Real) and hasattr(value, "item"):
+        try:
+            value = value.item()                     # a one-element tensor or array
+        except (ValueError, RuntimeError):
+            pass
+    if not isinstance(value, numbers.Real):
+        raise RewardError(f"step {step}: reward {name!r} returned {value!r:.60} ({type(value).__name__}), not a number, "
+                          f"{where}. A reward returns a float (e.g. 1.0 or 0.0)")
+    return float(value)

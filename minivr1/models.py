@@ -139,6 +139,16 @@ def processor_source(path: str | Path) -> str | Path:
     return adapter_base(path) or path
 
 
+def quiet_deepspeed_on_cpu() -> None:
+    """DeepSpeed, imported by accelerate and transformers on first use (a load, the first checkpoint), logs
+    "Setting accelerator to CPU" when it finds no GPU, in the middle of a progress bar. On a machine without
+    a GPU, name the CPU first (its DS_ACCELERATOR variable): the same choice, without the message."""
+    import os
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def resolve_dtype(dtype: str) -> torch.dtype:
     """"auto" -> bf16 on a GPU that supports it, else fp32 (CPU bf16 matmuls are slow)."""
     if dtype == "auto":
@@ -156,15 +166,52 @@ def attn_implementation() -> str:
         return "sdpa"
 
 
+HUB_TIMEOUT = 10          # seconds to ask the hub whether a model exists (not the ~50 s of a load's retries)
+
+
 def check_source(path: str | Path) -> None:
-    """Fail early, and clearly, on a local path that does not exist (instead of a hub error)."""
+    """Fail at once, and clearly, on a model that is neither a local folder nor a hub model, instead of after
+    the hub client's retries. A path that cannot be a hub id (it starts with ".", "/" or "~", has more or
+    fewer than one "/", or its first part is a local folder) must be a local folder. An ORG/NAME string
+    (`toy/grpo`: a hub id, or `runs/toy/grpo` mistyped) must be a local folder, in the hub cache, or (not
+    offline) a model the hub knows: asked once, within HUB_TIMEOUT seconds."""
     text = str(path)
     if Path(text).expanduser().exists():
         return
-    if text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise FileNotFoundError(f"model {text!r}: no such directory, and not a hub id (ORG/NAME). Pass a checkpoint "
-                                f"directory (e.g. runs/toy/sft/final, written by train_sft.py) or a hub id such as "
-                                f"Qwen/Qwen2.5-VL-7B-Instruct")
+    hint = ("Pass a checkpoint folder (e.g. runs/toy/sft/final, written by train_sft.py) or a hub id such as "
+            "Qwen/Qwen2.5-VL-7B-Instruct")
+    if text.startswith((".", "/", "~")) or text.count("/") != 1 or Path(text.split("/")[0]).expanduser().is_dir():
+        raise FileNotFoundError(f"model {text!r}: no local folder {text!r} (and not a hub id, ORG/NAME). {hint}")
+    import huggingface_hub
+
+    try:
+        if isinstance(huggingface_hub.try_to_load_from_cache(text, "config.json"), str):
+            return                                             # a hub model downloaded before
+    except ValueError:                                         # not a valid repo id at all
+        raise FileNotFoundError(f"model {text!r}: no local folder {text!r} (and not a hub id). {hint}") from None
+    if hub_offline():
+        raise FileNotFoundError(f"model {text!r}: no local folder {text!r}, and not in the hub cache (HF_HUB_OFFLINE "
+                                f"is set: the hub is not asked). {hint}")
+    try:
+        huggingface_hub.model_info(text, timeout=HUB_TIMEOUT)
+    except huggingface_hub.errors.GatedRepoError:
+        return                                                 # it exists; loading says what access it needs
+    except huggingface_hub.errors.RepositoryNotFoundError:
+        raise FileNotFoundError(f"model {text!r}: no local folder {text!r}, and no model {text!r} on the hub (a "
+                                f"private one needs `hf auth login`). {hint}") from None
+    except Exception as e:  # noqa: BLE001 - no network, a proxy, a timeout: say so now rather than retry for a minute
+        raise FileNotFoundError(f"model {text!r}: no local folder {text!r}; as a hub id, the hub could not be reached "
+                                f"({type(e).__name__}). Check the path, or the connection (HF_ENDPOINT, proxies)") \
+            from None
+
+
+def hub_offline() -> bool:
+    """Whether the hub client is told not to go online (HF_HUB_OFFLINE)."""
+    import os
+
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
 def adapter_base(path: str | Path) -> str | None:
@@ -299,6 +346,7 @@ def load_policy(path: str | Path, mode: str = "lora", dtype: str = "auto", gradi
     if mode not in ("full", "lora", "qlora"):
         raise ValueError(f"mode must be 'full', 'lora' or 'qlora', got {mode!r}")
     check_source(path)
+    quiet_deepspeed_on_cpu()
     torch_dtype = resolve_dtype(dtype)
     base, adapter = (adapter_base(path), path) if adapter_base(path) else (path, None)
     kwargs = dict(dtype=torch_dtype, attn_implementation=attn_implementation(), trust_remote_code=trust_remote_code)
@@ -361,9 +409,12 @@ def load_for_inference(path: str | Path, dtype: str = "auto", device: str | None
 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "bf16") -> Path:
     """Merge a LoRA adapter into its base and save a plain HF checkpoint (transformers, vLLM)."""
+    from minivr1.checkpoint import share_modes
+
     model = load_policy(adapter_dir, mode="full", dtype=dtype, freeze_vision=False)
     model.save_pretrained(out_dir, safe_serialization=True)
     save_processor(load_processor(adapter_dir), out_dir, source=processor_source(adapter_dir))
+    share_modes(out_dir)
     return Path(out_dir)
 
 

@@ -214,13 +214,26 @@ class HFEngine:
 @contextmanager
 def eval_mode(model):
     """The model in eval mode for the block (a training model with gradient checkpointing would turn
-    the KV cache off), then back in the mode it was in."""
+    the KV cache off), then back in the mode it was in. bitsandbytes' 4-bit layers stay in training mode:
+    on a CPU, a 4-bit layer's forward in eval mode repacks its weights for CPU inference, a layout
+    training cannot use afterwards (and their mode changes nothing else: RL runs without dropout)."""
     was_training = model.training
     model.eval()
+    for layer in _four_bit_layers(model):
+        layer.train()
     try:
         yield
     finally:
         model.train(was_training)
+
+
+def _four_bit_layers(model) -> list:
+    import sys
+
+    if "bitsandbytes" not in sys.modules:        # nothing is 4-bit unless bitsandbytes was imported
+        return []
+    from bitsandbytes.nn import Linear4bit
+    return [m for m in model.modules() if isinstance(m, Linear4bit)]
 
 
 def make_engine(name: str, model, processor, temperature: float, top_p: float, system_prompt: str | None = None,

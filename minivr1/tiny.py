@@ -303,9 +303,11 @@ def build_processor(family: str, tokenizer=None):
 def build(size: str, out_dir: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32,
           family: str = "qwen2_5_vl") -> Path:
     """Build a randomly initialised `family` model of `size` and save it (with its processor) to `out_dir`."""
-    from minivr1.models import save_processor
+    from minivr1.checkpoint import share_modes
+    from minivr1.models import quiet_deepspeed_on_cpu, save_processor
 
     out = Path(out_dir)
+    quiet_deepspeed_on_cpu()                          # transformers' save imports DeepSpeed, which says it found no GPU
     tokenizer = build_tokenizer(family=family)
     config = build_config(size, tokenizer, family)
     torch.manual_seed(seed)
@@ -315,6 +317,7 @@ def build(size: str, out_dir: str | Path, seed: int = 0, dtype: torch.dtype = to
     model.generation_config.do_sample = False
     model.save_pretrained(out)
     save_processor(build_processor(family, tokenizer), out)
+    share_modes(out)                                  # safetensors writes its file 0600
     return out
 
 
@@ -345,6 +348,8 @@ def build_text(out_dir: str | Path, seed: int = 0, hidden_size: int = 64, num_hi
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    from minivr1.checkpoint import share_modes
+    share_modes(out)                                  # safetensors writes its file 0600
     return out
 
 

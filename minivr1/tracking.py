@@ -3,10 +3,12 @@
 Every run writes, in its out_dir:
 
     metrics.jsonl   one JSON object per `Tracker.log` call: {"step": 12, "reward": 0.41, ..., "time": ...}
-    samples.jsonl   one JSON object per `Tracker.log_text` call (sample completions)
+    samples.jsonl   one JSON object per `Tracker.log_text` call (sample completions; created by the first)
 
 Both are appended to (a resumed run continues the same files) and flushed after every line, so
-a crash loses nothing that was logged. `pandas.read_json(path, lines=True)` reads them.
+a crash loses nothing that was logged. `pandas.read_json(path, lines=True)` reads them. A run
+resumed from step N first drops the lines of later steps (`drop_after`): a killed run logged them
+after its last checkpoint, and the resumed run logs those steps again.
 With `report_to=["tensorboard"]` and/or `["wandb"]` the same values also go there; both
 packages are optional and imported only when asked for.
 
@@ -88,7 +90,6 @@ class Tracker:
         config = _redact(config)
         # Append mode: a resumed run continues the same file. buffering=1: line-buffered text.
         self._metrics = open(self.out_dir / "metrics.jsonl", "a", buffering=1)
-        self._samples = open(self.out_dir / "samples.jsonl", "a", buffering=1)
         if "tensorboard" in self.report_to:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -128,6 +129,8 @@ class Tracker:
         """Records a text sample (e.g. a completion with its reward) under `name`."""
         if not self.enabled:
             return
+        if self._samples is None:
+            self._samples = open(self.out_dir / "samples.jsonl", "a", buffering=1)
         self._samples.write(json.dumps({"step": step, "name": name, "text": text}) + "\n")
         self._samples.flush()
         if self._tb is not None:
@@ -153,6 +156,30 @@ class Tracker:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def drop_after(out_dir: str | Path, step: int, names=("metrics.jsonl", "samples.jsonl")) -> None:
+    """Remove the lines of steps after `step` (and torn lines) from the run's JSONL files: what a killed run
+    logged after the checkpoint a rerun resumes from, which the rerun logs again."""
+    for name in names:
+        path = Path(out_dir) / name
+        if not path.is_file():
+            continue
+        kept, dropped = [], 0
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                keep = int(json.loads(line)["step"]) <= step
+            except (ValueError, KeyError, TypeError):
+                keep = False
+            if keep:
+                kept.append(line + "\n")
+            else:
+                dropped += bool(line.strip())
+        if dropped:
+            tmp = path.with_name(f".tmp-{name}")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
+            print0(f"{path}: dropped {dropped} lines of steps after {step} (logged after the checkpoint resumed from)")
 
 
 def _code_block(text: str) -> str:

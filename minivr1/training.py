@@ -181,18 +181,30 @@ def warmup_schedule(optimizer, warmup_steps: int):
 
 
 def resume_step(accelerator, out_dir, resume: str | None) -> int:
-    """Load the checkpoint `resume` names ("auto": out_dir's latest, if any; None: none) into the
-    prepared objects and return its step; 0 when starting fresh."""
+    """Load the checkpoint `resume` names ("auto": out_dir's newest usable one, if any, see
+    checkpoint.load_latest; None: none) into the prepared objects and return its step; 0 when starting
+    fresh. The metrics and samples files then lose the lines of later steps (logged after that checkpoint
+    by a run that was killed), so that a resumed run's files read as one run."""
     from pathlib import Path
 
-    from minivr1 import checkpoint
-    from minivr1.tracking import print0
+    from minivr1 import checkpoint, tracking
+    from minivr1.cli import UserError
 
-    ckpt = checkpoint.latest_checkpoint(out_dir) if resume == "auto" else (Path(resume) if resume else None)
-    if ckpt is None:
-        return 0
-    step = checkpoint.load_checkpoint(accelerator, ckpt)["step"]
-    print0(f"resumed from {ckpt} at step {step}")
+    step = 0
+    if resume == "auto":
+        loaded = checkpoint.load_latest(accelerator, out_dir)
+        if loaded is not None:
+            ckpt, state = loaded
+            step = state["step"]
+            tracking.print0(f"resumed from {ckpt} at step {step}")
+    elif resume:
+        problems = checkpoint.verify(resume) if Path(resume).is_dir() else ["no such folder"]
+        if problems:
+            raise UserError(f"--resume {resume}: {'; '.join(problems)}. Pass another checkpoint, or --resume auto")
+        step = checkpoint.load_checkpoint(accelerator, resume)["step"]
+        tracking.print0(f"resumed from {resume} at step {step}")
+    if accelerator.is_main_process:
+        tracking.drop_after(out_dir, step)
     return step
 
 
@@ -201,6 +213,7 @@ def save_final(accelerator, policy, processor, final, source) -> None:
     its processor as a standard checkpoint carries it (`models.save_processor`; `source` is the
     starting model), so evaluate.py, transformers and vLLM open it directly. Every process calls
     it: under FSDP / ZeRO-3 the full state dict is gathered first."""
+    from minivr1.checkpoint import share_modes
     from minivr1.models import processor_source, save_processor
     from minivr1.tracking import print0
 
@@ -212,5 +225,6 @@ def save_final(accelerator, policy, processor, final, source) -> None:
             state_dict = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
         unwrapped.save_pretrained(final, state_dict=state_dict or None, safe_serialization=True)
         save_processor(processor, final, source=processor_source(source))
+        share_modes(final)                                    # weights as readable as the other files
         print0(f"saved {final}")
     accelerator.wait_for_everyone()

@@ -1,7 +1,7 @@
 """Vision-R1's ablation in miniature, on the toy task: Zero, CI, Long, fixed short limit, PTST.
 
     python scripts/toy_ablation.py                       # ~17 min on 2 CPU cores; --seeds 0 1 2
-    pip install matplotlib                               # optional: the plots
+    (the plots need matplotlib, which requirements.txt installs; without it they are skipped)
 
 Every run is the project's own scripts with a preset from configs/ (the same commands the README
 shows), so this file only orchestrates and summarises:

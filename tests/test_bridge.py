@@ -5,6 +5,7 @@ train_sft.py then trains on; the pipeline with the tiny local model; kill (os._e
 subprocess) + torn last line + Ctrl-C, then resume: every record exactly once."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ import bridge
 from minivr1 import bridging, data
 from minivr1.backends import ChatResult
 from minivr1.bridging import Limits, Sample
+from minivr1.cli import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -197,7 +199,8 @@ class ScriptedBackend:
 
 
 def _args(toy_dir, out, **kw) -> bridge.Args:
-    base = dict(data=str(toy_dir / "data" / "rl_train.jsonl"), output_dir=str(out), limit=len(PLAN))
+    base = dict(data=str(toy_dir / "data" / "rl_train.jsonl"), output_dir=str(out), limit=len(PLAN),
+                mllm="scripted-mllm", reasoner="scripted-reasoner")
     return bridge.Args(**{**base, **kw})
 
 
@@ -259,6 +262,22 @@ def test_give_answer_puts_the_ground_truth_in_the_reasoning_prompt(toy_dir, tmp_
     gold = golds_of(args.data)
     for step, key, text in backend.asked:
         assert (f"The correct answer is {gold[key]}." in text) == (step == "reason")
+
+
+def test_a_rerun_with_other_settings_stops_and_filter_settings_may_change(toy_dir, tmp_path):
+    """Issue: a rerun with other arguments printed a "note:" and went on, mixing the replies of two settings in
+    the stage files. Now a setting that changes the replies stops the run, naming it; the filter's
+    thresholds (recomputed from the stage files on every run) and --limit may change."""
+    args = _args(toy_dir, tmp_path / "b", limit=2)
+    bridge.main(args, mllm=ScriptedBackend(golds_of(args.data)), reasoner=ScriptedBackend(golds_of(args.data)))
+    with pytest.raises(UserError, match=r"reasoner_temperature 0\.6 -> 1\.0.*--overwrite"):
+        bridge.main(dataclasses.replace(args, reasoner_temperature=1.0), mllm=Untouchable(), reasoner=Untouchable())
+    with pytest.raises(UserError, match=r"mllm scripted-mllm -> other"):
+        bridge.main(dataclasses.replace(args, mllm="other"), mllm=Untouchable(), reasoner=Untouchable())
+    backend = ScriptedBackend(golds_of(args.data))
+    report = bridge.main(dataclasses.replace(args, limit=3, min_words=3), mllm=backend, reasoner=backend)
+    assert [(s, k) for s, k, _ in backend.asked] == [(s, list(golds_of(args.data))[2]) for s in ("cot", "desc", "reason")]
+    assert report["records_in"] == 3
 
 
 SUBPROCESS = """

@@ -253,3 +253,114 @@ def test_keep_last_prunes_but_never_latest(tmp_path):
     save_checkpoint(acc, tmp_path, 5, {"again": True}, keep_last=0)
     assert load_checkpoint(acc, latest_checkpoint(tmp_path))["again"] is True
     assert not list(root.glob(".tmp-*"))
+
+
+# ----------------------------------------------------------------------------- damaged checkpoints (issue 11)
+
+
+def _two_checkpoints(tmp_path):
+    """Checkpoints at steps 1 and 2 of a model with an optimizer and a registered scheduler (as the scripts have:
+    custom_checkpoint_0.pkl)."""
+    acc = fresh_accelerator()
+    model, opt, sched = build(use_lora=False, init_seed=1)
+    model, opt = acc.prepare(model, opt)
+    acc.register_for_checkpointing(sched)
+    for step in (1, 2):
+        train(acc, model, opt, sched, 1)
+        save_checkpoint(acc, tmp_path, step, {}, model=model, keep_last=0)
+    return tmp_path / "checkpoints"
+
+
+def _resume(tmp_path):
+    from minivr1 import training
+
+    acc = fresh_accelerator()
+    model, opt, sched = build(use_lora=False, init_seed=3)
+    model, opt = acc.prepare(model, opt)
+    acc.register_for_checkpointing(sched)
+    return training.resume_step(acc, tmp_path, "auto")
+
+
+def _cut(path):
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+DAMAGE = {   # what happens to step-2, the step a rerun then resumes from, and what the warning must name
+    "weights cut short": (lambda d: _cut(d / "model.safetensors"), 1, "model.safetensors"),
+    "weights random": (lambda d: (d / "model.safetensors").write_bytes(os.urandom((d / "model.safetensors").stat().st_size)),
+                       1, "model.safetensors"),
+    "weights deleted": (lambda d: (d / "model.safetensors").unlink(), 1, "model.safetensors"),
+    "optimizer cut short": (lambda d: _cut(d / "optimizer.bin"), 1, "optimizer.bin"),
+    "scheduler deleted": (lambda d: (d / "custom_checkpoint_0.pkl").unlink(), 1, "custom_checkpoint_0.pkl"),
+    "state unreadable": (lambda d: (d / "trainer_state.json").write_bytes(b"\xff\xfe{"), 1, "trainer_state.json"),
+    "latest not UTF-8": (lambda d: (d.parent / "latest").write_bytes(b"step-\xff\xfe\n"), 2, "latest"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, damage, capsys):
+    """Issue: with step-2 damaged and step-1 intact, a rerun died in a long traceback from safetensors, torch or
+    accelerate (or, for non-UTF-8 bytes in `latest`, a UnicodeDecodeError; an unreadable trainer_state.json
+    was skipped silently). Now the checkpoint is verified before use and the run falls back to the newest
+    usable one, with a warning that names the file."""
+    root = _two_checkpoints(tmp_path)
+    spoil, expected_step, named = DAMAGE[damage]
+    spoil(root / "step-0000002")
+    capsys.readouterr()
+    assert _resume(tmp_path) == expected_step
+    warning = capsys.readouterr().err
+    assert "warning" in warning and named in warning, warning
+    if expected_step == 1:
+        assert "step-0000002" in warning
+
+
+def test_no_usable_checkpoint_is_one_clear_error(tmp_path):
+    from minivr1.cli import UserError
+
+    root = _two_checkpoints(tmp_path)
+    _cut(root / "step-0000001" / "model.safetensors")
+    (root / "step-0000002" / "optimizer.bin").unlink()
+    with pytest.raises(UserError, match=r"no usable checkpoint in .*step-0000002: .*optimizer\.bin.*"
+                                        r"step-0000001: .*model\.safetensors.*--overwrite"):
+        _resume(tmp_path)
+
+
+def test_trainer_state_records_every_file_and_its_size(tmp_path):
+    root = _two_checkpoints(tmp_path)
+    files = ckpt.read_trainer_state(root / "step-0000002")["files"]
+    on_disk = {str(p.relative_to(root / "step-0000002")): p.stat().st_size
+               for p in (root / "step-0000002").rglob("*") if p.is_file() and p.name != "trainer_state.json"}
+    assert files == on_disk and "model.safetensors" in files and "optimizer.bin" in files
+
+
+# ----------------------------------------------------------------------------- disk full (issue 11)
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4416 vs 4304")],
+                         ids=["ENOSPC", "torch"])
+def test_disk_full_removes_the_partial_checkpoint_and_keeps_the_last(tmp_path, monkeypatch, error):
+    """Issue: a full disk during a save ended in `RuntimeError: [enforce fail at inline_container.cc:672]
+    unexpected pos ...` and left the partial checkpoint holding the space. Now: one line that says so and
+    roughly how much a checkpoint needs, the partial one removed, the last good one kept as `latest`."""
+    import collections
+    import shutil
+
+    from minivr1.cli import UserError
+
+    acc, model, first = _setup(tmp_path)
+
+    def fills_the_disk(output_dir, **kw):
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "optimizer.bin"), "wb") as f:
+            f.write(b"\0" * 4096)
+        raise error
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(acc, "save_state", fills_the_disk)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 512, 512))
+    with pytest.raises(UserError, match=r"no space left on the device of .*checkpoints \(a checkpoint needs ~[\d.]+ [kMG]?B, "
+                                        r"512 B free\).*step-0000001"):
+        save_checkpoint(acc, tmp_path, 2, {}, model=model)
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    assert latest_checkpoint(tmp_path) == first

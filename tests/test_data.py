@@ -452,3 +452,63 @@ def test_prediction_column_and_tsv_table(tmp_path):
         read_benchmark(tsv, with_images=False)                           # header is line 1
     problems, report = read_benchmark(tsv, with_images=False, skip_bad=True)
     assert [(p.id, p.answer, p.response) for p in problems] == [("7", "3", "three")] and report.read == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# damaged images (issue 11)
+
+
+def noise_image(path, fmt, size=(64, 64)):
+    """An image whose compressed data is large (noise), so half of it is a header and part of the pixels."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.frombytes("RGB", size, os.urandom(size[0] * size[1] * 3)).save(path, format=fmt)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_a_truncated_image_is_found_when_the_data_is_read(tmp_path, fmt):
+    """Issue: an image cut to half its bytes (valid header) passed the reader and killed training at the step
+    that first used it ("cannot be decoded", naming no data file or record); --skip_bad_records did not help.
+    Now every image is decoded at read time: the record is named, and skipped with --skip_bad_records."""
+    for name in ("a.png", "c.png"):
+        noise_image(tmp_path / name, fmt)
+    bad = noise_image(tmp_path / "b.png", fmt)
+    bad.write_bytes(bad.read_bytes()[:bad.stat().st_size // 2])
+    Image.open(bad).size                                   # precondition: the header alone still reads
+    path = write_lines(tmp_path / "rl.jsonl", [rl_record(images=[n]) for n in ("a.png", "b.png", "c.png")])
+    with pytest.raises(DataError, match=r"rl\.jsonl:line 2: field 'images': image .*b\.png cannot be decoded"
+                                        r".*--skip_bad_records"):
+        read_rl(path)
+    problems, report = read_rl(path, skip_bad=True)
+    assert [p.images[0].path.name for p in problems] == ["a.png", "c.png"]
+    assert report.kept == 2 and len(report.skipped) == 1 and "line 2" in report.skipped[0]
+
+
+def test_an_image_damaged_after_reading_names_its_record(tmp_path):
+    noise_image(tmp_path / "a.png", "PNG")
+    (p,), _ = read_rl(write_lines(tmp_path / "rl.jsonl", [rl_record()]))
+    (tmp_path / "a.png").write_bytes((tmp_path / "a.png").read_bytes()[:300])
+    with pytest.raises(ImageError, match=r"rl\.jsonl:line 1.*cannot be decoded"):
+        p.images[0].load()
+
+
+def _png_header_only(path, width, height):
+    """A PNG holding only its header (no pixel data): enough for a reader that looks at the size."""
+    import struct
+    import zlib
+
+    def chunk(kind, body=b""):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)       # 8-bit greyscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT") + chunk(b"IEND"))
+    return path
+
+
+def test_max_image_pixels_decides_above_pils_own_limit(tmp_path):
+    """Issue: the hint "raise --max_image_pixels" was false above PIL's own limit (178,956,970 pixels), which
+    refused the image whatever --max_image_pixels said."""
+    big = _png_header_only(tmp_path / "big.png", 15000, 12000)          # 180,000,000 pixels
+    assert ImageRef(path=big, max_pixels=200_000_000).size() == (15000, 12000)
+    with pytest.raises(ImageError, match=r"180000000 pixels, more than the limit of 100000000"):
+        ImageRef(path=big, max_pixels=100_000_000).size()

@@ -14,6 +14,7 @@ from PIL import Image
 
 import evaluate
 from minivr1 import evaluation, grader, rollout
+from minivr1.cli import UserError
 
 RECORD_FIELDS = {"id", "response", "extracted", "correct", "format_ok", "length", "waits"}
 SUMMARY_FIELDS = {"n", "accuracy", "format_rate", "per_category", "per_question_type", "mean_length",
@@ -130,6 +131,40 @@ def test_generation_regenerates_a_torn_last_line(generated, tiny_model_dir, toy_
     assert summary["n"] == 4
 
 
+def test_a_rerun_with_another_model_or_sampling_stops(generated, tiny_model_dir, toy_dir, tmp_path, count_generate):
+    """Issue: evaluating another model into a folder holding a model's predictions printed "3 already in ..." and
+    reported the other model's accuracy. Now what produced the predictions is recorded, and a rerun that would
+    mix runs stops, naming the difference; the batch size and --limit may change."""
+    src, _ = generated
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_model_dir, other)
+    with pytest.raises(UserError, match=rf"model .* -> {other}.*--overwrite"):
+        evaluate.main(_eval_args(other, toy_dir, out))
+    with pytest.raises(UserError, match=r"temperature 0\.0 -> 0\.6"):
+        evaluate.main(_eval_args(tiny_model_dir, toy_dir, out, temperature=0.6))
+    with pytest.raises(UserError, match=r"max_new_tokens 8 -> 9"):
+        evaluate.main(_eval_args(tiny_model_dir, toy_dir, out, max_new_tokens=9))
+    assert count_generate == []
+    evaluate.main(_eval_args(tiny_model_dir, toy_dir, out, batch_size=3, limit=4))
+    assert count_generate == [1]
+    summary = evaluate.main(_eval_args(other, toy_dir, out, overwrite=True))
+    assert count_generate == [1, 2, 1] and summary["n"] == 3 and summary["model"] == str(other)
+
+
+def test_scoring_into_a_folder_of_generated_predictions_stops(generated, predictions_file, tmp_path):
+    """Scoring writes predictions.jsonl afresh: into a folder holding a model's generated predictions it would
+    have replaced them."""
+    src, _ = generated
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    before = _lines(out)
+    with pytest.raises(UserError, match="--overwrite"):
+        evaluate.main(evaluate.Args(predictions=str(predictions_file), output_dir=str(out)))
+    assert _lines(out) == before
+
+
 # ----------------------------------------------------------------------------- predictions mode
 
 # (pid, category, question_type, choices, gold, response, extracted, correct, format_ok, words)
@@ -179,11 +214,12 @@ def test_predictions_mode_scores_to_exact_numbers(predictions_file, tmp_path):
                                             "multi_choice": {"n": 4, "accuracy": 3 / 4}}
     assert summary["mean_length"] == 19 / 7 and summary["median_length"] == 2
     assert summary["length_unit"] == "words" and summary["mean_waits"] == 1 / 7
-    # lengths 1,1,1 | 2,3 | 4,7 in order: pids 5 | 6 7 | 2 1 | 3 4
+    # lengths 1,1,1 | 2 | 3 | 4,7 in order: pids 5 6 7 | 2 | 1 | 3 4 (the three of length 1 in one bucket; the
+    # cuts at 1.75, 3.5 and 5.25 of 7 move to the nearest change of length: 3, 4 (a tie: the later) and 5)
     assert summary["accuracy_by_length"] == [
-        {"min_length": 1, "max_length": 1, "n": 1, "accuracy": 1.0},
-        {"min_length": 1, "max_length": 1, "n": 2, "accuracy": 0.5},
-        {"min_length": 2, "max_length": 3, "n": 2, "accuracy": 0.5},
+        {"min_length": 1, "max_length": 1, "n": 3, "accuracy": 2 / 3},
+        {"min_length": 2, "max_length": 2, "n": 1, "accuracy": 0.0},
+        {"min_length": 3, "max_length": 3, "n": 1, "accuracy": 1.0},
         {"min_length": 4, "max_length": 7, "n": 2, "accuracy": 0.5}]
     assert json.loads((out / "summary.json").read_text())["accuracy"] == 4 / 7
 
@@ -252,6 +288,21 @@ def test_length_buckets_equal_counts_by_length():
         {"min_length": 10, "max_length": 10, "n": 1, "accuracy": 1.0},
         {"min_length": 70, "max_length": 70, "n": 1, "accuracy": 0.0},
         {"min_length": 80, "max_length": 80, "n": 1, "accuracy": 0.0}]
+
+
+def test_length_buckets_never_split_equal_lengths():
+    """Issue: the base model's answers mostly run to the 64-token limit, and the buckets read "1-64, 64-64,
+    64-64, 64-64": equal lengths were split across buckets. A length now falls in one bucket only, so there
+    may be fewer buckets, each labelled by its own range."""
+    records = [_rec(1, True)] + [_rec(64, False)] * 7
+    buckets = evaluation.length_buckets(records)
+    assert [(b["min_length"], b["max_length"], b["n"]) for b in buckets] == [(1, 1, 1), (64, 64, 7)]
+    summary = evaluation.summarize(records)
+    assert "accuracy by length: 1: 100%, 64: 0%" in evaluation.format_summary(summary)
+    records = [_rec(n, True) for n in (1, 2, 2, 2, 2, 3, 4, 5)]
+    # the cuts move to the nearest change of length: 1 | 2 2 2 2 | 3 | 4 5
+    assert [(b["min_length"], b["max_length"]) for b in evaluation.length_buckets(records)] == [(1, 1), (2, 2), (3, 3),
+                                                                                                (4, 5)]
 
 
 def test_summarize_exact_numbers():

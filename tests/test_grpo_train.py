@@ -5,8 +5,10 @@ inside a step it wraps a function the script calls (`grpo_loss`, `generate`, the
 one that records its arguments and then calls the real thing, so the numbers are those of the
 real loop. Pitfall numbers refer to docs/pitfalls.md.
 """
+import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 
@@ -15,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 import train_grpo
-from minivr1 import checkpoint, data, grader, models, rollout, training
+from minivr1 import checkpoint, data, grader, models, rollout, tracking, training
+from minivr1.cli import UserError
 from minivr1.chat import prompt_batch, repeat_images
 from minivr1.grpo import grpo_loss
 from minivr1.policy import TokenLogprobs, scatter_logprobs
@@ -591,3 +594,84 @@ def test_gspo_equals_the_token_ratio_on_policy_and_differs_off_policy(model_dir,
     (token1, token2), (seq1, seq2) = ([torch.cat([g.flatten() for g in gs]) for gs in r.grads] for r in recorders)
     torch.testing.assert_close(seq1, token1)
     assert (seq2 - token2).abs().max() > 1e-4 * token2.abs().max()
+
+
+# ----------------------------------------------------------------------------- reruns and failures (issue 11)
+
+def test_a_rerun_continues_only_with_the_settings_that_made_the_run(model_dir, toy_dir, tmp_path):
+    """Issue: rerun into a finished output dir with another learning rate, GRPO resumed, trained at the old one
+    and wrote the new one into args.json. Now a setting that changes results stops the rerun and is named;
+    settings that do not (micro-batch size, checkpoint and sample frequency, the rollout engine) may change,
+    and so may the PTST stages after the steps already run (training continues)."""
+    args = make_args(model_dir, toy_dir, tmp_path, stages="8x4:1", save_steps=1)
+    train_grpo.main(args)
+    recorded = (tmp_path / "args.json").read_text()
+    with pytest.raises(UserError, match=r"learning_rate 0\.001 -> 0\.0005.*--overwrite"):
+        train_grpo.main(dataclasses.replace(args, learning_rate=5e-4))
+    assert (tmp_path / "args.json").read_text() == recorded
+    train_grpo.main(dataclasses.replace(args, micro_batch_size=2, save_steps=5, sample_every=1, rollout="hf"))
+    train_grpo.main(dataclasses.replace(args, stages="8x4:2"))          # one more step of the same stage
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2]
+    with pytest.raises(UserError, match=r"stages .*steps already run"):
+        train_grpo.main(dataclasses.replace(args, stages="16x4:3"))     # step 1 ran at 8 tokens, not 16
+    train_grpo.main(dataclasses.replace(args, learning_rate=5e-4, overwrite=True))
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1]
+    assert json.loads((tmp_path / "args.json").read_text())["learning_rate"] == 5e-4
+
+
+def test_a_killed_run_resumes_without_duplicate_lines(model_dir, toy_dir, tmp_path, monkeypatch):
+    """Issue: after every kill -9 resume, metrics.jsonl held the steps logged after the last checkpoint twice.
+    Here the run dies right after logging step 3 (checkpoints every 2 steps); the rerun resumes from step 2."""
+    args = make_args(model_dir, toy_dir, tmp_path, stages="8x4:4", save_steps=2, sample_every=1)
+    real_log = tracking.Tracker.log
+
+    def dies_after_step_3(self, metrics, step):
+        real_log(self, metrics, step)
+        if step == 3:
+            raise KeyboardInterrupt("kill -9")
+
+    monkeypatch.setattr(tracking.Tracker, "log", dies_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_grpo.main(args)
+    monkeypatch.setattr(tracking.Tracker, "log", real_log)
+    train_grpo.main(args)
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3, 4]
+    samples = [json.loads(line)["step"] for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert samples == [1, 1, 2, 2, 3, 3, 4, 4]
+
+
+def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(model_dir, toy_dir, tmp_path, capsys):
+    """Issue: with step-2's weights cut short and step-1 intact, a rerun died in safetensors. Now it warns,
+    naming what is wrong, and resumes from step 1."""
+    args = make_args(model_dir, toy_dir, tmp_path, stages="8x4:2", save_steps=1, keep_last=0)
+    train_grpo.main(args)
+    weights = tmp_path / "checkpoints" / "step-0000002" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:len(weights.read_bytes()) // 2])
+    capsys.readouterr()
+    train_grpo.main(dataclasses.replace(args, stages="8x4:3"))
+    out = capsys.readouterr()
+    assert re.search(r"step-0000002.*model\.safetensors.*resuming from .*step-0000001", out.err.replace("\n", " ")), out.err
+    assert f"resumed from {tmp_path / 'checkpoints' / 'step-0000001'} at step 1" in out.out
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_qlora_grpo_runs_on_cpu(model_dir, toy_dir, tmp_path, gradient_checkpointing):
+    """Issue: QLoRA GRPO failed on a CPU after the first rollout: switching the model to eval mode for
+    sampling made bitsandbytes repack its 4-bit weights for CPU inference, which training cannot use."""
+    train_grpo.main(make_args(model_dir, toy_dir, tmp_path, mode="qlora", stages="8x4:2", lora_r=4, lora_alpha=8,
+                              gradient_checkpointing=gradient_checkpointing))
+    metrics = read_metrics(tmp_path)
+    assert [m["step"] for m in metrics] == [1, 2] and metrics[1]["kl"] > 0
+    assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_a_failing_custom_reward_is_named_with_the_step_and_the_value(model_dir, toy_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(grader.REWARDS, "divides", lambda text, answer, **meta: 1 / 0)
+    monkeypatch.setitem(grader.REWARDS, "forgets", lambda text, answer, **meta: None)
+    with pytest.raises(UserError, match=r"step 1: reward 'divides' raised ZeroDivisionError: division by zero"):
+        train_grpo.main(make_args(model_dir, toy_dir, tmp_path / "a", reward="divides", stages="8x4:1"))
+    with pytest.raises(UserError, match=r"step 1: reward 'forgets' returned None \(NoneType\), not a number"):
+        train_grpo.main(make_args(model_dir, toy_dir, tmp_path / "b", reward="forgets", stages="8x4:1"))
+    with pytest.raises(UserError, match=r"reward 'no_such_module:f'.*no_such_module"):
+        train_grpo.main(make_args(model_dir, toy_dir, tmp_path / "c", reward="no_such_module:f", stages="8x4:1"))

@@ -10,10 +10,53 @@ def trainable(model):
 
 
 def test_missing_local_path_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such directory"):
+    with pytest.raises(FileNotFoundError, match="no local folder"):
         models.load_policy(tmp_path / "nope" / "final", mode="full")
-    with pytest.raises(FileNotFoundError, match="no such directory"):
+    with pytest.raises(FileNotFoundError, match="no local folder"):
         models.load_processor("runs/does/not/exist")
+
+
+def test_a_mistyped_local_path_fails_at_once(tmp_path, monkeypatch):
+    """Issue: `--model toy/grpo` (meant: runs/toy/grpo) has the shape of a hub id, so it failed only after ~50 s
+    of trying the model hub. Now a name that is neither a local folder nor in the hub cache fails at once
+    offline; online, the hub is asked once, briefly, and its answer (or silence) is in the message."""
+    import time
+
+    import huggingface_hub
+
+    monkeypatch.chdir(tmp_path)
+    t0 = time.time()
+    with pytest.raises(FileNotFoundError, match=r"no local folder 'toy/grpo'.*not in the hub cache"):
+        models.load_processor("toy/grpo")                         # tests run with HF_HUB_OFFLINE=1
+    assert time.time() - t0 < 5
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no local folder 'runs/grpo'"):
+        models.check_source("runs/grpo")                          # a local folder's path: never a hub id
+
+    monkeypatch.setattr(models, "hub_offline", lambda: False)
+    asked = []
+
+    class NotFound(huggingface_hub.errors.RepositoryNotFoundError):
+        def __init__(self):                                       # as the hub client raises it on a 404
+            Exception.__init__(self, "404 Client Error: Repository Not Found")
+
+    def missing(repo_id, timeout=None):
+        asked.append((repo_id, timeout))
+        raise NotFound()
+
+    monkeypatch.setattr(huggingface_hub, "model_info", missing)
+    with pytest.raises(FileNotFoundError, match=r"no local folder 'toy/grpo', and no model 'toy/grpo' on the hub"):
+        models.check_source("toy/grpo")
+    assert asked and asked[0][1] <= 10
+
+    def unreachable(repo_id, timeout=None):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(huggingface_hub, "model_info", unreachable)
+    with pytest.raises(FileNotFoundError, match=r"no local folder 'toy/grpo'.*hub .*could not be reached"):
+        models.check_source("toy/grpo")
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda repo_id, timeout=None: object())
+    models.check_source("toy/grpo")                               # a hub model: found
 
 
 def test_full_mode_freezes_the_vision_tower_by_default(tiny_model_dir):

@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 import train_sft
 from minivr1 import checkpoint, data, models, training
 from minivr1.chat import SFTCollator, conversation_messages
+from minivr1.cli import UserError
 from minivr1.data import Conversation, DataError
 from conftest import assert_standard_checkpoint
 
@@ -191,7 +192,17 @@ def test_sft_learns_and_writes_its_outputs(full_run, tiny_model_dir):
     assert losses[-1] < 0.8 * losses[0], losses
     # one warmup step, then cosine decay to 0 (lr is logged after the step's scheduler.step())
     assert metrics[0]["lr"] == pytest.approx(args.learning_rate) and metrics[-1]["lr"] == pytest.approx(0.0)
-    assert json.loads((out / "args.json").read_text())["max_steps"] == STEPS
+    recorded = json.loads((out / "args.json").read_text())
+    # what ran: 6 steps of a 4-conversation global batch over 4 conversations are 6 epochs (issue 11: args.json
+    # said the default 2 while max_steps decided)
+    assert recorded["max_steps"] == STEPS and recorded["num_train_epochs"] == STEPS
+    assert not (out / "samples.jsonl").exists()          # SFT writes no samples: no empty file either
+    try:                                                  # the run drew its curves (matplotlib is optional)
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert not (out / "training_curves.png").exists()
+    else:
+        assert (out / "training_curves.png").read_bytes().startswith(b"\x89PNG")
 
     steps = [int(p.name.split("-")[1]) for p in sorted((out / "checkpoints").glob("step-*"))]
     assert steps == [2, 4, 6]
@@ -210,6 +221,11 @@ def test_sft_learns_and_writes_its_outputs(full_run, tiny_model_dir):
     assert changed and not any(k.startswith("model.visual") for k in changed)   # vision tower frozen
     assert models.load_processor(final).tokenizer.convert_tokens_to_ids("<think>") is not None
     assert_standard_checkpoint(final)
+    # weights are readable like every other output (issue 11: model.safetensors was written 0600)
+    ckpt_dir = out / "checkpoints" / "step-0000006"
+    for weights, other in [(final / "model.safetensors", final / "config.json"),
+                           (ckpt_dir / "model.safetensors", ckpt_dir / "trainer_state.json")]:
+        assert oct(weights.stat().st_mode & 0o777) == oct(other.stat().st_mode & 0o777), weights
 
 
 def test_sft_resume_is_exact(full_run, toy_dir, tmp_path, capsys):
@@ -295,6 +311,7 @@ def test_sft_ctrl_c_saves_a_checkpoint_and_resumes(tiny_model_dir, toy_dir, tmp_
         log.close()
     text = (tmp_path / "log.txt").read_text()
     assert rc == 0, text
+    assert "Setting accelerator to CPU" not in text        # DeepSpeed's import-time notice broke the progress bar
     stop_step = _metrics(out)[-1]["step"]
     assert 1 <= stop_step < args.max_steps, "the run ended before Ctrl-C: make its steps slower"
     assert f"stopped at step {stop_step}" in text
@@ -374,3 +391,92 @@ def test_sft_nan_at_the_first_step_says_there_is_no_checkpoint(tiny_model_dir, t
     with pytest.raises(FloatingPointError, match="step 1: .*no checkpoint"):
         train_sft.main(_args(tiny_model_dir, toy_dir, data_path, tmp_path / "run", max_steps=4, save_steps=1))
     assert checkpoint.latest_checkpoint(tmp_path / "run") is None
+
+
+# ----------------------------------------------------------------------------- reruns (issue 11, items 2, 5, 10)
+
+
+def test_sft_rerun_continues_only_with_the_settings_that_made_the_run(tiny_model_dir, toy_dir, tmp_path):
+    """Issue: a rerun into a used output dir resumed whatever was there, whatever the new flags said, and
+    overwrote args.json. Now a setting that changes what is trained stops the run and is named; a setting that
+    does not (the split of the global batch, logging, checkpoint frequency) may change."""
+    data_path = _write_cold(toy_dir, tmp_path / "cold4.json", 4)
+    out = tmp_path / "run"
+    args = _args(tiny_model_dir, toy_dir, data_path, out, max_steps=2, save_steps=1)
+    train_sft.main(args)
+    recorded = (out / "args.json").read_text()
+    for change, named in [({"learning_rate": 1e-3}, r"learning_rate 0\.01 -> 0\.001"),
+                          ({"max_steps": 4}, r"max_steps 2 -> 4"),      # the cosine schedule spans the whole run
+                          ({"per_device_batch_size": 1}, r"global_batch 4 -> 2"),
+                          ({"model": str(tmp_path)}, r"model .* -> " + str(tmp_path))]:
+        with pytest.raises(UserError, match=named + r".*--overwrite"):
+            train_sft.main(train_sft.Args(**{**vars(args), **change}))
+        assert (out / "args.json").read_text() == recorded              # the record still says what made the run
+    # the same global batch of 4 split as 1 x 4 accumulation; other logging and checkpointing
+    train_sft.main(train_sft.Args(**{**vars(args), "per_device_batch_size": 1, "gradient_accumulation_steps": 4,
+                                     "logging_steps": 2, "save_steps": 5, "keep_last": 1}))
+    # other data in the same file
+    _write_cold(toy_dir, data_path, 5)
+    with pytest.raises(UserError, match=r"records 4 -> 5"):
+        train_sft.main(args)
+    # "--resume none" into a run's folder would mix two runs
+    with pytest.raises(UserError, match="--overwrite"):
+        train_sft.main(train_sft.Args(**{**vars(args), "resume": None}))
+    # --overwrite starts over with the new settings
+    train_sft.main(train_sft.Args(**{**vars(args), "learning_rate": 1e-3, "overwrite": True}))
+    assert [m["step"] for m in _metrics(out)] == [1, 2]
+    assert json.loads((out / "args.json").read_text())["learning_rate"] == 1e-3
+
+
+def test_output_dir_problems_are_found_before_the_model_loads(tiny_model_dir, toy_dir, tmp_path, monkeypatch):
+    def never(*a, **k):
+        raise AssertionError("the model was loaded before the output dir was checked")
+
+    monkeypatch.setattr(models, "load_policy", never)
+    data_path = _write_cold(toy_dir, tmp_path / "cold4.json", 4)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    with pytest.raises(UserError, match=rf"--output_dir {a_file} is a file"):
+        train_sft.main(_args(tiny_model_dir, toy_dir, data_path, a_file, max_steps=1))
+    try:                                                   # a folder no one may create, even root (sysfs)
+        os.mkdir("/sys/minivr1-run")
+        os.rmdir("/sys/minivr1-run")
+        pytest.skip("no folder here that cannot be created")
+    except OSError:
+        pass
+    with pytest.raises(UserError, match=r"cannot create --output_dir /sys/minivr1-run"):
+        train_sft.main(_args(tiny_model_dir, toy_dir, data_path, "/sys/minivr1-run", max_steps=1))
+
+
+def test_two_runs_in_one_output_dir(tiny_model_dir, toy_dir, tmp_path):
+    """Issue: a second run in the same output dir destroyed the first's temporary checkpoint and interleaved
+    metrics. Now the second stops at once, naming the process that holds the folder; a run killed with
+    kill -9 leaves its lock file, which does not block the next run."""
+    data_path = _write_cold(toy_dir, tmp_path / "cold8.json", 8)
+    out = tmp_path / "run"
+    first = _args(tiny_model_dir, toy_dir, data_path, out, max_steps=100000, per_device_batch_size=1,
+                  gradient_accumulation_steps=1, save_steps=0)
+    cmd = [sys.executable, "train_sft.py"] + [
+        a for k, v in vars(first).items() if v is not None and not isinstance(v, bool) for a in (f"--{k}", str(v))]
+    log = open(tmp_path / "log.txt", "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"))
+    try:
+        deadline = time.time() + 120
+        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()):
+            assert proc.poll() is None, (tmp_path / "log.txt").read_text()
+            assert time.time() < deadline, "no step completed in 120 s"
+            time.sleep(0.05)
+        second = _args(tiny_model_dir, toy_dir, data_path, out, max_steps=1, save_steps=0)
+        t0 = time.time()
+        with pytest.raises(UserError, match=rf"{out} is in use by another run \(PID {proc.pid}\b"):
+            train_sft.main(second)
+        assert time.time() - t0 < 30
+        assert proc.poll() is None                               # the first run goes on
+    finally:
+        proc.kill()                                              # kill -9
+        proc.wait()
+        log.close()
+    assert (out / ".lock").exists()
+    final = train_sft.main(train_sft.Args(**{**vars(second), "overwrite": True}))   # a stale lock does not block
+    assert (final / "model.safetensors").is_file()

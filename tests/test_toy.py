@@ -164,6 +164,7 @@ def test_needed_reasoning_grows_with_the_level(cold):
 def test_the_short_limit_cuts_level_3s_worked_steps_and_the_long_one_fits_them(cold):
     short_limit, long_limit = _stage_limits("toy_grpo_ptst.yaml")
     assert _stage_limits("toy_grpo_fixed.yaml") == [short_limit] and _stage_limits("toy_grpo_long.yaml") == [long_limit]
+    middle = _stage_limits("toy_grpo_ptst3.yaml")[1]
     rows = cold["rows"]
 
     def over(sel, limit):            # a completion of `limit` tokens holds limit - 1 text tokens and the end token
@@ -173,6 +174,7 @@ def test_the_short_limit_cuts_level_3s_worked_steps_and_the_long_one_fits_them(c
     assert over(_plain(rows, 2, short=True), short_limit) == 0 and over(_plain(rows, 3, short=True), short_limit) == 0
     assert 0.25 < over(_plain(rows, 2, short=False), short_limit) < 0.7   # level 2's worked steps: about half fit
     assert over(_plain(rows, 3, short=False), short_limit) > 0.8          # level 3's: almost never
+    assert over(_plain(rows, 3, short=False), middle) < 0.3               # PTST-3's middle stage fits most
     assert over(_plain(rows, 3, short=False), long_limit) == 0            # ... and the long limit all
     one_reflection = [r for r in rows if r["n_waits"] == 1 and not r["loop"] and not r["short"]]
     assert over([r for r in one_reflection if r["level"] == 1], short_limit) < 0.1

@@ -301,14 +301,15 @@ def build_processor(family: str, tokenizer=None):
 
 
 def build(size: str, out_dir: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32,
-          family: str = "qwen2_5_vl") -> Path:
-    """Build a randomly initialised `family` model of `size` and save it (with its processor) to `out_dir`."""
+          family: str = "qwen2_5_vl", texts: list[str] | None = None) -> Path:
+    """Build a randomly initialised `family` model of `size` and save it (with its processor) to `out_dir`;
+    its tokenizer is trained on `texts` (default: the original toy task's, `toy.corpus()`)."""
     from minivr1.checkpoint import share_modes
     from minivr1.models import quiet_deepspeed_on_cpu, save_processor
 
     out = Path(out_dir)
     quiet_deepspeed_on_cpu()                          # transformers' save imports DeepSpeed, which says it found no GPU
-    tokenizer = build_tokenizer(family=family)
+    tokenizer = build_tokenizer(texts=texts, family=family)
     config = build_config(size, tokenizer, family)
     torch.manual_seed(seed)
     model = model_class(family)(config).to(dtype)

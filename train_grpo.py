@@ -98,8 +98,10 @@ class Args:
     max_grad_norm: float = arg(1.0, "gradient clipping norm (0 = off)")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     logprob_chunk_size: int = arg(512, "tokens per LM-head chunk (working memory ~2 x chunk x vocab x 4 bytes: 0.54 GiB at 512 with Qwen's vocabulary)")
-    rollout: str = arg("shared_prefix", "rollout engine: hf (model.generate) or shared_prefix (same samples, each "
-                                        "prompt prefilled once)", choices=["hf", "shared_prefix"])
+    rollout: str = arg("static", "rollout engine, all with the same samples: hf (model.generate), shared_prefix (each "
+                                 "prompt prefilled once), static (that + a static-cache decode loop), static_compiled "
+                                 "(that, torch.compile'd; CUDA graphs on a GPU, untested)",
+                       choices=["hf", "shared_prefix", "static", "static_compiled"])
     # ---- the run
     save_steps: int = arg(50, "checkpoint every N steps, and at every stage boundary (0: boundaries only)")
     keep_last: int = arg(2, "checkpoints to keep")
@@ -132,7 +134,7 @@ def main(args: Args) -> Path:
     model = models.load_policy(args.model, args.mode, args.dtype, args.gradient_checkpointing, args.freeze_vision,
                                args.lora_r, args.lora_alpha, lora_dropout=0.0, trust_remote_code=args.trust_remote_code)
     training.disable_dropout(model)
-    share_prompt = args.rollout == "shared_prefix" and distributed.share_prompt_forward(accelerator, args.gradient_checkpointing)
+    share_prompt = args.rollout != "hf" and distributed.share_prompt_forward(accelerator, args.gradient_checkpointing)
     policy = TokenLogprobs(model, args.logprob_chunk_size, share_prompt)
     optimizer = training.build_optimizer(policy, args.learning_rate, args.weight_decay, args.optim)
     scheduler = training.warmup_schedule(optimizer, args.warmup_steps)

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from minivr1 import checkpoint, cli, data, distributed, grader, models, training
+from minivr1 import checkpoint, cli, data, distributed, grader, models, threads, training
 from minivr1.chat import R1_ZERO_SYSTEM_PROMPT
 from minivr1.config import arg, save_args
 from minivr1.grpo import group_advantages, grpo_loss, zero_variance_fraction
@@ -112,6 +112,7 @@ class Args:
 
 
 def main(args: Args) -> Path:
+    threads.set_cpu_threads()                  # on a CPU: not more threads than the machine has free
     stages = resolve_stages(args.stages, args.max_completion_length, args.num_generations, args.max_steps)
     total_steps = sum(s.steps for s in stages)
     accelerator = distributed.make_accelerator()

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from minivr1 import checkpoint, cli, data, distributed, models, training
+from minivr1 import checkpoint, cli, data, distributed, models, threads, training
 from minivr1.chat import SFTCollator
 from minivr1.config import arg, save_args
 from minivr1.data import DEFAULT_MAX_PIXELS
@@ -81,6 +81,7 @@ class Args:
 
 
 def main(args: Args) -> Path:
+    threads.set_cpu_threads()                  # on a CPU: not more threads than the machine has free
     accelerator = distributed.make_accelerator(args.gradient_accumulation_steps)
     torch.manual_seed(args.seed)
     out = Path(args.output_dir)

@@ -11,28 +11,37 @@ by `torch.cat`, which copies the whole cache at every step. Here a GRPO rollout 
   2. every later token one fixed-shape step (`StaticDecoder.step`): embed the N last tokens, run the
      decoder layers with the model's own modules (norms, projections with their LoRA adapters, rotary
      embedding, MLP), write each layer's new key/value into column P + t of its buffers, attend over
-     the whole buffer under a mask, the LM head; then the sampling in the same step (`Sampler`): the
+     the filled columns, the LM head; then the sampling in the same step (`Sampler`): the
      logits processors `generate` would apply (vision tokens suppressed, temperature, top-p), softmax,
      one `torch.multinomial` draw per row, finished rows padded;
-  3. `--rollout static_compiled`: the step compiled by `torch.compile` (C++ kernels on a CPU; on CUDA
-     the same step captured as a CUDA graph, inductor's "reduce-overhead"). The CUDA path is written
-     but has NOT been run: no GPU was available to this work. docs/benchmarks.md has the compile time
-     and what it buys on a CPU.
+  3. `--rollout static_compiled`: the step compiled by `torch.compile`, with one shape for every step
+     (attention over the whole buffer, the columns not yet written masked): C++ kernels on a CPU; on
+     CUDA the same step captured as a CUDA graph (inductor's "reduce-overhead"). The CUDA path is
+     written but has NOT been run: no GPU was available to this work. docs/benchmarks.md has the
+     compile time and what it buys on a CPU (not much: the default stays eager).
 
-Same samples as `model.generate` for the same seed (tests/test_static_engine.py): the same
-processors, the same random draws (one multinomial per step, from torch's global generator; compiled,
+The same samples as `model.generate` for the same seed (tests/test_static_engine.py): the same
+processors, the same random draws (one multinomial per step from torch's global generator; compiled,
 inductor is told to call aten's own random ops, `fallback_random`), the same stop rule (all rows
-ended, or max_new_tokens), from probabilities equal to float rounding: the attention runs over the
-whole buffer with the unused columns masked, and the prompt's prefill over one row per group, so the
-sums are not grouped as in `generate`. A draw can come out differently only when its uniform number
-falls within that rounding (~1e-7) of a boundary between two tokens: never seen in the tests, possible
-in a long run. The log-probs the training forward recomputes are those the tokens were drawn from
-(tested against the teacher-forced forward).
+ended, or max_new_tokens). Eager, the probabilities are SharedPrefixEngine's bit for bit (the same
+kernels over the same keys: a view of the filled columns, no mask when no prompt is padded, as
+`generate` does), and those equal `generate`'s up to float rounding (its prefill runs G rows per
+prompt); compiled, the masked whole-buffer attention adds rounding of the same size. A draw can come
+out differently only when its uniform number falls within that rounding (~1e-7) of a boundary
+between two tokens: never seen in the tests, possible in a long run. The log-probs the training
+forward recomputes are those the tokens were drawn from (tested against the teacher-forced forward).
+
+Why this is not much faster on a CPU (docs/benchmarks.md, "Rollout engines"): with Qwen's 151,936-token
+vocabulary a decode step of a small model is mostly reading the LM head's weight (memory-bound,
+whatever the number of rows) and `torch.multinomial`'s exponential draw over every row's vocabulary,
+the same work in `generate`; what this loop removes (Python layers, the cache's `torch.cat`) is a
+larger share on a GPU, where a step is microseconds of kernels after milliseconds of launches.
 
 Where it is not used (`make_engine` falls back to SharedPrefixEngine, which falls back to `generate`):
 DeepSpeed ZeRO-3 (generation must step in sync across processes there: `generate(synced_gpus=True)`);
-model families other than Qwen2-VL / Qwen2.5-VL (the step re-wires their decoder layer, and needs
-their M-RoPE `get_rope_index`: `decoder_supported`); sliding-window layers; sampling settings that add
+model families other than Qwen2.5-VL (the step re-wires its decoder layer, and needs its M-RoPE
+`get_rope_index`: `decoder_supported`; Qwen2-VL's layers look the same but are untested: add it to
+FAMILIES with a test); sliding-window layers; sampling settings that add
 a logits processor `Sampler` does not implement (e.g. a checkpoint's no_repeat_ngram_size); prompts without
 images (as SharedPrefixEngine).
 """
@@ -48,13 +57,13 @@ from minivr1.models import unwrap_peft
 from minivr1.rollout import Rollout, eval_mode, finish, sampling_kwargs
 from minivr1.shared_prompt import SharedPrefixEngine, generation_processors, prefill_prompts, supports
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl")   # decoder layers that StaticDecoder re-wires (the same structure)
+FAMILIES = ("qwen2_5_vl",)             # decoders whose layers StaticDecoder re-wires (tested)
 COLUMN_BLOCK = 64                       # buffer length rounded up to this: fewer distinct shapes to compile
 
 
 def decoder_supported(model) -> bool:
-    """Whether StaticDecoder can run this model's decoder: a Qwen2-VL-style text model (M-RoPE, every
-    layer full attention)."""
+    """Whether StaticDecoder can run this model's decoder: a Qwen2.5-VL text model (M-RoPE, every layer
+    full attention)."""
     hf = unwrap_peft(model)
     text = getattr(hf.config, "text_config", hf.config)
     return (hf.config.model_type in FAMILIES and supports(model)
@@ -105,7 +114,7 @@ class Sampler:
 
 
 class StaticDecoder:
-    """The fixed-shape decode step of a Qwen2-VL-style model over preallocated KV buffers."""
+    """The fixed-shape decode step of a Qwen2.5-VL model over preallocated KV buffers."""
 
     def __init__(self, model, sampler: Sampler, compile: bool = False):
         hf = unwrap_peft(model)
@@ -192,8 +201,12 @@ class StaticDecoder:
         out[:, 0] = tokens
         steps = 1
         while steps < max_new_tokens and unfinished.max() > 0:
+            if self.compiled and ids.device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()     # each step one replay of the CUDA graph (untested)
             tokens, unfinished = self.step(tokens, positions, column, attend if padded or self.compiled else None,
                                            keys, values, unfinished, None if self.compiled else P + steps)
+            if self.compiled:       # outputs of a CUDA graph live in its memory pool: the next replay overwrites them
+                tokens, unfinished = tokens.clone(), unfinished.clone()
             out[:, steps] = tokens
             steps += 1
             positions += 1

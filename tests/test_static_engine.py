@@ -60,14 +60,16 @@ def test_static_engine_draws_the_same_tokens_as_generate(eos_model, processor, p
     assert torch.equal(static_after, plain_after)
 
 
-@pytest.mark.parametrize("n_prompts", [3, 1])       # left padding (prompts of different lengths), and none
-def test_static_engine_computes_the_shared_prefix_engines_numbers_bit_for_bit(eos_model, processor, problems,
-                                                                             n_prompts, monkeypatch):
+@pytest.mark.parametrize("n_prompts, dtype", [(3, "fp32"), (1, "fp32"), (3, "bf16")])   # left padding, none; bf16
+def test_static_engine_computes_the_shared_prefix_engines_numbers_bit_for_bit(eos_model, tiny_model_dir, processor,
+                                                                             problems, n_prompts, dtype, monkeypatch):
     """Eager, the static step attends over the filled columns with the kernel generate's cache uses, so
-    its probabilities are SharedPrefixEngine's exactly: same runs, same numbers, engine for engine."""
+    its probabilities are SharedPrefixEngine's exactly: same runs, same numbers, engine for engine
+    (in bf16 too: the rotary embedding, norms and head in the model's own dtype, as generate runs them)."""
+    model = eos_model if dtype == "fp32" else models.load_for_inference(tiny_model_dir, dtype="bf16")
     real_multinomial, probs = torch.multinomial, {"shared_prefix": [], "static": []}
     out = {}
-    for engine in (SharedPrefixEngine(eos_model, processor, 0.7, 1.0), StaticCacheEngine(eos_model, processor, 0.7, 1.0)):
+    for engine in (SharedPrefixEngine(model, processor, 0.7, 1.0), StaticCacheEngine(model, processor, 0.7, 1.0)):
         monkeypatch.setattr(torch, "multinomial", lambda p, *a, **k: probs[engine.name].append(p.clone())
                             or real_multinomial(p, *a, **k))
         torch.manual_seed(1)

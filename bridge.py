@@ -59,7 +59,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minivr1 import backends, bridging, cli, data, grader, rundir
+from minivr1 import backends, bridging, cli, data, grader, rundir, threads
 from minivr1.backends import ChatRequest, Sampling
 from minivr1.data import DEFAULT_MAX_PIXELS
 from minivr1.tracking import print0, progress_bar
@@ -181,6 +181,8 @@ def run_stage(title: str, path: Path, problems: list, backend, sampling: Samplin
 def main(args: Args, mllm=None, reasoner=None) -> dict:
     """Run the four steps; `mllm` / `reasoner` replace the backends built from args (tests pass scripted ones)."""
     given = {"mllm": mllm, "reasoner": reasoner}
+    if any(getattr(args, f"{role}_backend") != "openai" and not given[role] for role in given):
+        threads.set_cpu_threads()              # a local model on a CPU: one thread unless OMP_NUM_THREADS says otherwise
     for role in given:
         if getattr(args, f"{role}_backend") == "openai" and not getattr(args, f"{role}_api_base") and not given[role]:
             raise SystemExit(f"--{role}_backend openai needs --{role}_api_base (e.g. http://localhost:8000/v1)")

@@ -61,7 +61,7 @@ from pathlib import Path
 
 import torch
 
-from minivr1 import backends, benchmarks, cli, data, evaluation, models, rollout, rundir, tracking
+from minivr1 import backends, benchmarks, cli, data, evaluation, models, rollout, rundir, threads, tracking
 from minivr1.chat import R1_ZERO_SYSTEM_PROMPT, prompt_batch
 from minivr1.tracking import print0, progress_bar
 
@@ -194,6 +194,7 @@ def load_engine(args: Args) -> dict:
 
 
 def main(args: Args) -> dict | None:
+    threads.set_cpu_threads()                  # on a CPU: one thread unless OMP_NUM_THREADS says otherwise
     args.system_prompt = {"none": None, "r1_zero": R1_ZERO_SYSTEM_PROMPT}.get(args.system_prompt, args.system_prompt)
     if args.image or args.question:
         if not (args.image and args.question and args.model):

@@ -57,7 +57,7 @@ from pathlib import Path
 
 import torch
 
-from minivr1 import checkpoint, cli, data, distributed, grader, models, plots, rundir, training
+from minivr1 import checkpoint, cli, data, distributed, grader, models, plots, rundir, threads, training
 from minivr1 import grpo_variants as variants
 from minivr1.chat import R1_ZERO_SYSTEM_PROMPT
 from minivr1.config import arg, required
@@ -127,8 +127,10 @@ class Args:
     max_grad_norm: float = arg(1.0, "gradient clipping norm (0 = off)")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     logprob_chunk_size: int = arg(512, "tokens per LM-head chunk (working memory ~2 x chunk x vocab x 4 bytes: 0.54 GiB at 512 with Qwen's vocabulary)")
-    rollout: str = arg("shared_prefix", "rollout engine: hf (model.generate) or shared_prefix (same samples, each "
-                                        "prompt prefilled once)", choices=["hf", "shared_prefix"])
+    rollout: str = arg("static", "rollout engine, all with the same samples: hf (model.generate), shared_prefix (each "
+                                 "prompt prefilled once), static (that + a static-cache decode loop), static_compiled "
+                                 "(that, torch.compile'd; CUDA graphs on a GPU, untested)",
+                       choices=["hf", "shared_prefix", "static", "static_compiled"])
     # ---- the run
     save_steps: int = arg(50, "checkpoint every N steps, and at every stage boundary (0: boundaries only)")
     keep_last: int = arg(2, "checkpoints to keep")
@@ -149,6 +151,7 @@ RESUME_MAY_CHANGE = ("output_dir", "resume", "overwrite", "save_steps", "keep_la
 
 
 def main(args: Args) -> Path:
+    threads.set_cpu_threads()                  # on a CPU: one thread unless OMP_NUM_THREADS says otherwise
     stages = resolve_stages(args.stages, args.max_completion_length, args.num_generations, args.max_steps)
     total_steps = sum(s.steps for s in stages)
     accelerator = distributed.make_accelerator()
@@ -177,7 +180,7 @@ def main(args: Args) -> Path:
     model = models.load_policy(args.model, args.mode, args.dtype, args.gradient_checkpointing, args.freeze_vision,
                                args.lora_r, args.lora_alpha, lora_dropout=0.0, trust_remote_code=args.trust_remote_code)
     training.disable_dropout(model)
-    share_prompt = args.rollout == "shared_prefix" and distributed.share_prompt_forward(accelerator, args.gradient_checkpointing)
+    share_prompt = args.rollout != "hf" and distributed.share_prompt_forward(accelerator, args.gradient_checkpointing)
     policy = TokenLogprobs(model, args.logprob_chunk_size, share_prompt, trim_padding=args.micro_batch_tokens > 0)
     optimizer = training.build_optimizer(policy, args.learning_rate, args.weight_decay, args.optim)
     scheduler = training.warmup_schedule(optimizer, args.warmup_steps)

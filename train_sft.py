@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from minivr1 import checkpoint, cli, data, distributed, models, plots, rundir, training
+from minivr1 import checkpoint, cli, data, distributed, models, plots, rundir, threads, training
 from minivr1.chat import SFTCollator
 from minivr1.config import arg, required
 from minivr1.data import DEFAULT_MAX_PIXELS
@@ -92,6 +92,7 @@ RESUME_MAY_CHANGE = ("output_dir", "resume", "overwrite", "save_steps", "keep_la
 
 
 def main(args: Args) -> Path:
+    threads.set_cpu_threads()                  # on a CPU: one thread unless OMP_NUM_THREADS says otherwise
     accelerator = distributed.make_accelerator(args.gradient_accumulation_steps)
     torch.manual_seed(args.seed)
     out = rundir.claim(args.output_dir, args.overwrite, accelerator.is_main_process)    # ours alone: a lock

@@ -22,7 +22,9 @@ What runs is the project's code, not a copy of it:
   * `rollout options`: the model as GRPO samples with it (LoRA-wrapped), the same call as
     minivr1.rollout.generate, with HF generate's dynamic cache, a static cache, and a static
     cache compiled with torch.compile (transformers compiles the forward itself for a static
-    cache on a GPU; "static" sets disable_compile).
+    cache on a GPU; "static" sets disable_compile); and our own engines (minivr1/static_engine.py):
+    `minivr1_static` (train_grpo.py's default rollout) and `minivr1_static_compiled` (its decode step
+    compiled, captured as a CUDA graph on a GPU), whose first call (compiling) is reported apart.
   * `TRL` (--trl, if trl is importable): GRPOTrainer, LoRA via peft_config, the same model, prompt,
     G, length, micro-batching (per_device_train_batch_size = micro batch, accumulation = G / micro),
     beta, loss_type "grpo", gradient checkpointing; one optimizer step.
@@ -100,7 +102,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="optimizer for full fine-tuning (8-bit AdamW is what lets 7B fit one 80 GB GPU at all)")
     p.add_argument("--logprob_chunk_size", type=int, default=1024)
     p.add_argument("--rollout_options", default=None,
-                   help="comma-separated: dynamic, static, static_compiled ('' = skip; default: all three on a GPU, dynamic,static on a CPU)")
+                   help="comma-separated: dynamic, static, static_compiled (HF generate), minivr1_static, "
+                        "minivr1_static_compiled (our engines) ('' = skip; default: all five on a GPU, dynamic,static "
+                        "on a CPU)")
     p.add_argument("--option_tokens", type=int, default=None, help="new tokens for the rollout-option runs (default: completion_length)")
     p.add_argument("--trl", action="store_true", help="also run TRL's GRPOTrainer on the same step (needs trl)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
@@ -119,7 +123,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_checkpoint(size: str, out: Path, device: str, seed: int, dtype: str) -> Path:
     """A random Qwen2.5-VL of `size`, initialised on `device` in `dtype`, saved with its processor."""
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     from minivr1 import tiny
     from minivr1.models import ImageOnlyQwenProcessor, save_processor
@@ -130,8 +134,8 @@ def build_checkpoint(size: str, out: Path, device: str, seed: int, dtype: str) -
     tokenizer = tiny.build_tokenizer()
     config = tiny.build_config(size, tokenizer)
     torch.manual_seed(seed)
-    with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
+    with torch.device(device):      # built where it runs, in `dtype` from the start (no fp32 copy)
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
     model.generation_config.eos_token_id = [tokenizer.eos_token_id]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.do_sample = False
@@ -322,14 +326,19 @@ def run_rollout_options(spec: dict) -> dict:
         r = {"status": "ok"}
         try:
             runs = []
-            for _ in range(2 if name == "static_compiled" else 1):     # the first compiled call compiles
+            engine = rollout.make_engine(name.removeprefix("minivr1_"), model, processor, 1.0, 1.0) \
+                if name.startswith("minivr1_") else None
+            for _ in range(2 if name.endswith("static_compiled") else 1):     # the first compiled call compiles
                 _reset_peak(spec["device"])
                 t = time.perf_counter()
                 with torch.no_grad():
-                    out = model.generate(**batch, **common, **options[name])
+                    if engine is None:
+                        out = model.generate(**batch, **common, **options[name])[:, P:]
+                    else:
+                        out = engine.generate(problems[:1], spec["G"], spec["option_tokens"]).completion_ids
                 if spec["device"] == "cuda":
                     torch.cuda.synchronize()
-                mask, _ = rollout.completion_mask(out[:, P:], common["eos_token_id"])
+                mask, _ = rollout.completion_mask(out, common["eos_token_id"])
                 runs.append((time.perf_counter() - t, int(mask.sum())))
             r.update(seconds=runs[-1][0], tokens=runs[-1][1], first_call_s=runs[0][0],
                      peak_gib=_peak_memory(spec["device"]))
@@ -454,7 +463,8 @@ def main(argv=None) -> dict:
                                                                models.attn_implementation() == "flash_attention_2" else [])
     modes = [m for m in args.modes.split(",") if m]
     options = args.rollout_options.split(",") if args.rollout_options is not None else \
-        (["dynamic", "static", "static_compiled"] if device == "cuda" else ["dynamic", "static"])
+        (["dynamic", "static", "static_compiled", "minivr1_static", "minivr1_static_compiled"] if device == "cuda"
+         else ["dynamic", "static"])
     options = [o for o in options if o]
     G, C = args.group_size, args.completion_length
 

@@ -15,7 +15,8 @@ GRPO asks a rollout *engine* for its completions, through one method:
 
 `HFEngine` here is the reference: `model.generate` on every row. A faster engine plugs in behind
 the same method without the training loop knowing (`minivr1/shared_prompt.py`: each group's prompt
-encoded once; a vLLM engine would be another). `make_engine` picks one by name (`--rollout`).
+encoded once; `minivr1/static_engine.py`: that, then a fixed-shape decode step over preallocated
+KV buffers; a vLLM engine would be another). `make_engine` picks one by name (`--rollout`).
 """
 from __future__ import annotations
 
@@ -236,15 +237,28 @@ def _four_bit_layers(model) -> list:
     return [m for m in model.modules() if isinstance(m, Linear4bit)]
 
 
+ENGINES = ("hf", "shared_prefix", "static", "static_compiled")
+
+
 def make_engine(name: str, model, processor, temperature: float, top_p: float, system_prompt: str | None = None,
                 synced_gpus: bool = False):
-    """The rollout engine `name` ("hf" or "shared_prefix"). The shared-prefix engine needs a model that
-    holds whole parameters on this process, so under ZeRO-3 (synced_gpus) it falls back to "hf"; so it
-    does for a model family it does not support (`shared_prompt.supports`)."""
+    """The rollout engine `name` (one of ENGINES), or the nearest one that can run here: the faster
+    engines need a model that holds whole parameters on this process, so under ZeRO-3 (synced_gpus)
+    every name gives "hf", and so does a model family they do not support (`shared_prompt.supports`);
+    "static" / "static_compiled" need a decoder `static_engine` can run and sampling settings it
+    implements, else "shared_prefix" (which itself uses `generate` where it must)."""
     from minivr1.shared_prompt import SharedPrefixEngine, supports
 
-    if name == "shared_prefix" and not synced_gpus and supports(model):
-        return SharedPrefixEngine(model, processor, temperature, top_p, system_prompt)
-    if name not in ("hf", "shared_prefix"):
-        raise ValueError(f"unknown rollout engine {name!r}: use 'hf' or 'shared_prefix'")
-    return HFEngine(model, processor, temperature, top_p, system_prompt, synced_gpus)
+    if name not in ENGINES:
+        raise ValueError(f"unknown rollout engine {name!r}: use one of {', '.join(ENGINES)}")
+    if synced_gpus or name == "hf" or not supports(model):
+        return HFEngine(model, processor, temperature, top_p, system_prompt, synced_gpus)
+    if name.startswith("static"):
+        from minivr1.static_engine import StaticCacheEngine, decoder_supported
+        if decoder_supported(model):
+            try:
+                return StaticCacheEngine(model, processor, temperature, top_p, system_prompt,
+                                         compile=name == "static_compiled")
+            except NotImplementedError:     # a logits processor the static step does not implement
+                pass
+    return SharedPrefixEngine(model, processor, temperature, top_p, system_prompt)

@@ -15,9 +15,10 @@ plain path (tests/test_shared_prompt.py); any other model gets the plain path (`
 engine falls back to `HFEngine`, `policy.TokenLogprobs` to the plain forward.
 
 The sampler rebuilds `model.generate`'s logits processors with two PRIVATE transformers helpers,
-`GenerationMixin._prepare_generation_config` and `GenerationMixin._get_logits_processor` (the
-transformers version is pinned for this reason: re-check them on an upgrade). Nothing else in
-minivr1 calls a private transformers API.
+`GenerationMixin._prepare_generation_config` and `GenerationMixin._get_logits_processor`
+(`generation_processors`; the transformers version is pinned for this reason: re-check them on an
+upgrade). Nothing else in minivr1 calls a private transformers API (`minivr1/static_engine.py`
+calls them through `generation_processors`).
 """
 from __future__ import annotations
 
@@ -74,21 +75,14 @@ def sample_shared_prompts(model, lead: dict, G: int, **generate_kwargs) -> torch
     for features not used here.
     """
     ids, mask = lead["input_ids"], lead["attention_mask"]
-    P = ids.shape[1]
-    hf = unwrap_peft(model)
-    config, _ = hf._prepare_generation_config(None, **generate_kwargs)      # private: what generate() would use
-    processors = hf._get_logits_processor(config, input_ids_seq_length=P, encoder_input_ids=ids.repeat_interleave(G, 0),
-                                          device=ids.device)               # private
+    config, processors = generation_processors(model, ids.repeat_interleave(G, 0), **generate_kwargs)
     eos = torch.tensor(config.eos_token_id, device=ids.device).flatten()
     pad = config.pad_token_id
+    P = ids.shape[1]
 
-    positions, _ = hf.model.get_rope_index(ids, lead["mm_token_type_ids"], lead["image_grid_thw"], attention_mask=mask)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values=lead.get("pixel_values"),
-                image_grid_thw=lead["image_grid_thw"], use_cache=True, logits_to_keep=1)   # [3, prompts, P] positions
-    cache = out.past_key_values
+    cache, logits, next_pos = prefill_prompts(model, lead)
     cache.batch_repeat_interleave(G)
-    logits = out.logits[:, -1].float().repeat_interleave(G, 0)
-    next_pos = (positions.amax(dim=(0, 2)) + 1).repeat_interleave(G)       # [N]: the first generated token's
+    logits, next_pos = logits.repeat_interleave(G, 0), next_pos.repeat_interleave(G)
     N = logits.shape[0]
     seqs, mask = ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)
     unfinished = torch.ones(N, dtype=torch.long, device=ids.device)
@@ -105,6 +99,29 @@ def sample_shared_prompts(model, lead: dict, G: int, **generate_kwargs) -> torch
         logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=step_pos, past_key_values=cache,
                        use_cache=True).logits[:, -1].float()
     return seqs[:, P:]
+
+
+def generation_processors(model, rows_ids: torch.Tensor, **generate_kwargs):
+    """The generation config and the logits processors `model.generate(rows_ids, **generate_kwargs)`
+    would use (built by transformers' two PRIVATE helpers; see the module docstring)."""
+    hf = unwrap_peft(model)
+    config, _ = hf._prepare_generation_config(None, **generate_kwargs)      # private: what generate() would use
+    processors = hf._get_logits_processor(config, input_ids_seq_length=rows_ids.shape[1], encoder_input_ids=rows_ids,
+                                          device=rows_ids.device)          # private
+    return config, processors
+
+
+def prefill_prompts(model, lead: dict):
+    """Prefill each prompt of `lead` (one row per prompt, with its images) once: its KV cache (a
+    DynamicCache, one row per prompt), the last position's logits [prompts, V] in fp32, and the
+    position of the first generated token [prompts] (M-RoPE: the prompt's largest position + 1, in
+    all three sections, as in `generate`)."""
+    ids, mask = lead["input_ids"], lead["attention_mask"]
+    positions, _ = unwrap_peft(model).model.get_rope_index(ids, lead["mm_token_type_ids"], lead["image_grid_thw"],
+                                                           attention_mask=mask)        # [3, prompts, P]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values=lead.get("pixel_values"),
+                image_grid_thw=lead["image_grid_thw"], use_cache=True, logits_to_keep=1)
+    return out.past_key_values, out.logits[:, -1].float(), positions.amax(dim=(0, 2)) + 1
 
 
 def shared_prompt_hidden(backbone, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids,

@@ -60,13 +60,13 @@ def test_logprob_memory_is_under_two_and_a_half_chunks(tmp_path):
 def test_gpu_step_runs_tiny_on_cpu(tmp_path):
     out = run(["bench/bench_gpu_step.py", "--size", "tiny", "--device", "cpu", "--completion_length", 16,
                "--group_size", 2, "--image_size", 56, "--modes", "lora,full", "--work_dir", tmp_path,
-               "--json", tmp_path / "r.json"])
+               "--rollout_options", "dynamic,static,minivr1_static", "--json", tmp_path / "r.json"])
     rows = table_rows(out, "trainer")
     assert [(r[0], r[1], r[2]) for r in rows] == [("minivr1", "lora", "sdpa"), ("minivr1", "full", "sdpa")]
     for r in rows:
         assert float(r[4]) > 0 and float(r[6]) > 0 and r[10] == "16", r     # rollout, update tok/s; full length
     options = table_rows(out, "cache")
-    assert [r[0] for r in options] == ["dynamic", "static"] and all(float(r[1]) > 0 for r in options)
+    assert [r[0] for r in options] == ["dynamic", "static", "minivr1_static"] and all(float(r[1]) > 0 for r in options)
     results = json.loads((tmp_path / "r.json").read_text())
     assert all(r["status"] == "ok" and r["update_flops"] > 0 for r in results["ours"])
     assert results["P"] > results["patches"] // 4 > 0          # the prompt holds the image's tokens

@@ -343,6 +343,7 @@ def step_metrics(t: dict) -> dict:
     mean_reward = t["reward"] / n
     return {"reward": mean_reward, "reward_std": math.sqrt(max(0.0, t["reward_sq"] / n - mean_reward ** 2)),
             "accuracy": t["correct"] / n, "format": t["format"] / n, "len": t["completion_tokens"] / n,
+            "completion_tokens": t["completion_tokens"],      # generated this step, all processes (compute spent)
             "len_max": t["len_max"], "truncated": t["truncated"] / n, "zero_var": t["zero_var_groups"] / t["groups"],
             "kl": t["kl_sum"] / tokens, "clip": t["clipped_tokens"] / tokens, "ratio": t["ratio_sum"] / tokens,
             "approx_kl": t["approx_kl_sum"] / tokens, "loss": t["loss"],

@@ -302,6 +302,9 @@ def test_first_step_metrics_kl_and_clip_are_zero(straight_runs):
     assert metrics[0]["kl"] < 1e-10 and metrics[0]["clip"] == 0
     assert all(m["kl"] > 1e-6 for m in metrics[1:])
     assert all(m["grad_norm"] > 0 and m["zero_var"] < 1 for m in metrics)
+    # the compute a step spent: its completions (2 prompts x G, G = 4 then 2) times their mean length
+    assert [m["completion_tokens"] for m in metrics] == pytest.approx([m["len"] * 2 * g for m, g in
+                                                                       zip(metrics, [4, 4, 2, 2])])
 
 
 class StopAfter:

@@ -10,6 +10,7 @@ are the stages; these are what they call):
     stages         PTST stages as data: "LENxG:STEPS,..."
     rollout        sampling completions; the rollout-engine seam and its reference engine (model.generate)
     shared_prompt  speed-ups: a group's shared prompt encoded once (rollout engine and log-prob forward)
+    static_engine  speed-up: the rollout's decode step at a fixed shape over preallocated KV buffers (the default)
     policy         the policy as a module returning token log-probs; completion log-probs; the KL reference
     grader         the <think>/<answer> format, answer extraction and equivalence, rewards
   models and data
@@ -27,6 +28,7 @@ are the stages; these are what they call):
     plots          training_curves.png of a run (python -m minivr1.plots RUN_DIR)
     config         dataclass arguments through transformers' HfArgumentParser, YAML presets
     cli            running a script: a user's error ends in one line
+    threads        how many CPU threads torch uses (one, unless OMP_NUM_THREADS says otherwise)
   bridging and evaluation
     backends       local models and OpenAI-compatible servers behind one `complete` method
     bridging       modality bridging's prompts, filter rules and report

@@ -1,13 +1,14 @@
 """How many CPU threads torch uses in this process: one rule, applied once at start-up by every script.
 
 torch's default is one thread per core. Two things make that a poor default for minivr1 on a CPU:
-  * speed: on a small CPU that other jobs also use, torch's OpenMP threads wait for each other (a toy
-    GRPO step took 7.8-14.9 s with torch's default two threads on a busy 2-core machine, against
-    1.1-1.5 s with one; docs/benchmarks.md), and the tiny models gain nothing from more threads even on
-    an idle machine (the toy pipeline: 4 min 5 s with one thread, 4 min 59 s with two);
   * reproducibility: the thread count changes the order of floating-point sums, and so, after many
     steps, the results (the toy pipeline gives 63.6% -> 71.6% with one thread, 60.0% -> 70.0% with
-    two). A fixed count makes a run repeat on any machine, whatever its cores and load.
+    two). A fixed count makes a run repeat on any machine, whatever its cores and load;
+  * a shared machine: on a small CPU that other jobs also use, torch's OpenMP threads wait for each
+    other (a toy GRPO step took 7.8-14.9 s with torch's default two threads on a busy 2-core machine,
+    against 1.1-1.5 s with one; docs/benchmarks.md).
+The price on an idle machine: the toy pipeline took 3 min 50 s with one thread, 2 min 54 s with two
+(an idle 2-core CPU).
 
 The rule (`set_cpu_threads`):
   1. OMP_NUM_THREADS set: it is obeyed, nothing changes (the user chose; `torchrun` and `accelerate

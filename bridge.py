@@ -185,7 +185,7 @@ def main(args: Args, mllm=None, reasoner=None) -> dict:
         threads.set_cpu_threads()              # a local model on a CPU: one thread unless OMP_NUM_THREADS says otherwise
     for role in given:
         if getattr(args, f"{role}_backend") == "openai" and not getattr(args, f"{role}_api_base") and not given[role]:
-            raise SystemExit(f"--{role}_backend openai needs --{role}_api_base (e.g. http://localhost:8000/v1)")
+            raise cli.UserError(f"--{role}_backend openai needs --{role}_api_base (e.g. http://localhost:8000/v1)")
     out = rundir.claim(args.output_dir, args.overwrite, outputs=OUTPUTS)      # ours alone: a lock
     problems, read_report = data.read_problems(args.data, args.image_root, skip_bad=args.skip_bad_records,
                                                max_image_pixels=args.max_image_pixels)

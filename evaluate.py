@@ -128,7 +128,7 @@ def score_predictions(args: Args, bench, problems: list, preds_path: Path) -> tu
     """Score responses produced elsewhere; predictions.jsonl is written afresh."""
     missing = [p.id for p in problems if p.response is None]
     if missing:
-        raise SystemExit(f"{args.predictions}: {len(missing)} records have no 'response' field (first: {missing[0]})")
+        raise cli.UserError(f"{args.predictions}: {len(missing)} records have no 'response' field (first: {missing[0]})")
     tok = models.load_processor(args.tokenizer).tokenizer if args.tokenizer else None
     length = (lambda t: len(tok(t).input_ids)) if tok else (lambda t: len(t.split()))
     official = args.prompt_style == "official"
@@ -198,17 +198,17 @@ def main(args: Args) -> dict | None:
     args.system_prompt = {"none": None, "r1_zero": R1_ZERO_SYSTEM_PROMPT}.get(args.system_prompt, args.system_prompt)
     if args.image or args.question:
         if not (args.image and args.question and args.model):
-            raise SystemExit("one-off mode needs --model, --image and --question")
+            raise cli.UserError("one-off mode needs --model, --image and --question")
         return one_off(args)
     if sum(map(bool, (args.predictions, args.model, args.api_base))) != 1:
-        raise SystemExit("pass either --model or --api_base (with --data) to generate, or --predictions to score "
+        raise cli.UserError("pass either --model or --api_base (with --data) to generate, or --predictions to score "
                          "existing responses")
     if args.api_base and not (args.api_model and args.data):
-        raise SystemExit("--api_base needs --api_model (the served model's name) and --data")
+        raise cli.UserError("--api_base needs --api_model (the served model's name) and --data")
     if args.model and not args.data:
-        raise SystemExit("--model needs --data (the benchmark file)")
+        raise cli.UserError("--model needs --data (the benchmark file)")
     if args.prompt_style not in benchmarks.STYLES:
-        raise SystemExit(f"--prompt_style {args.prompt_style!r}: use one of {', '.join(benchmarks.STYLES)}")
+        raise cli.UserError(f"--prompt_style {args.prompt_style!r}: use one of {', '.join(benchmarks.STYLES)}")
     rundir.claim(args.output_dir, args.overwrite, tracking.is_main_process(), OUTPUTS)   # ours alone: a lock
     runs = benchmarks.plan(args.benchmark, args.predictions or args.data, args.image_root)
     engine, main_process, summaries = None, True, {}
@@ -235,7 +235,7 @@ def main(args: Args) -> dict | None:
             done = data.read_done(preds_path)
             made = {(r.get("benchmark", bench.name), r.get("prompt_style", args.prompt_style)) for r in done.values()}
             if made - {(bench.name, args.prompt_style)}:   # never mix two runs' records in one file
-                raise SystemExit(f"{preds_path} holds predictions made for {sorted(made)} (benchmark, prompt style), "
+                raise cli.UserError(f"{preds_path} holds predictions made for {sorted(made)} (benchmark, prompt style), "
                                  f"not {bench.name} with --prompt_style {args.prompt_style}: use another --output_dir")
             rundir.check_settings(out, settings, RESUME_MAY_CHANGE, made_by, is_main=tracking.is_main_process())
             todo = [p for p in problems if p.id not in done]

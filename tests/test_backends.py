@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import time
 
 import pytest
@@ -353,3 +354,23 @@ def test_a_dead_server_is_one_clean_line_from_evaluate(toy_dir, tmp_path):
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and f"nothing listens at {url}" in last
+
+
+def test_a_wrong_argument_combination_is_exit_2_and_one_line(tmp_path):
+    """evaluate.py and bridge.py end a user's wrong flags like every script: status 2, one `error:` line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cases = [
+        (["evaluate.py", "--model", "m", "--output_dir", str(tmp_path / "e")], "--model needs --data"),
+        (["bridge.py", "--data", str(tmp_path / "d.jsonl"), "--output_dir", str(tmp_path / "b"),
+          "--mllm", "m", "--mllm_backend", "openai", "--reasoner", "r"], "--mllm_backend openai needs --mllm_api_base"),
+    ]
+    for argv, message in cases:
+        proc = subprocess.run([sys.executable, str(root / argv[0]), *argv[1:]], capture_output=True, text=True,
+                              timeout=120, cwd=root, env={**os.environ, "MINIVR1_DEBUG": ""})
+        assert proc.returncode == 2, (argv[0], proc.stderr[-2000:])
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), (argv[0], lines)

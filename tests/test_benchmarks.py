@@ -17,6 +17,7 @@ from PIL import Image
 
 import evaluate
 from minivr1 import benchmarks, evaluation
+from minivr1.cli import UserError
 from minivr1.benchmarks import BENCHMARKS, MathVerse, boxed_all, letters
 from minivr1.data import DataError, Problem
 
@@ -650,7 +651,7 @@ def test_several_benchmarks_in_one_run_print_the_papers_table(tmp_path, capsys):
 def test_predictions_in_an_unknown_benchmark_name_fail_clearly(tmp_path):
     with pytest.raises(DataError, match="unknown benchmark"):
         evaluate.main(evaluate.Args(benchmark="mathvision", predictions=str(tmp_path / "x.json")))
-    with pytest.raises(SystemExit, match="--prompt_style 'fancy'"):
+    with pytest.raises(UserError, match="--prompt_style 'fancy'"):
         evaluate.main(evaluate.Args(predictions="x.json", prompt_style="fancy"))
 
 
@@ -671,7 +672,7 @@ def test_dynamath_through_a_server_resumes(tmp_path):
         assert server.counts["default"] == 8                               # resumed: only seed 477 asked
     assert user_text(server.requests[0]["body"]).strip().startswith("## Question\n")        # the official prompt
     assert s["n"] == 6 and s["metrics"]["complete_seeds"] == 3 and s["accuracy"] == 4 / 6
-    with pytest.raises(SystemExit, match="holds predictions made for .*'official'.* not dynamath with --prompt_style plain"):
+    with pytest.raises(UserError, match="holds predictions made for .*'official'.* not dynamath with --prompt_style plain"):
         evaluate.main(evaluate.Args(api_base="http://127.0.0.1:9", **{**args, "prompt_style": "plain"}))
     # variant 2 differs from variant 1 for seeds 1 and 21: 6 of 8 right, 2 of 4 seeds right in both
     assert again["n"] == 8 and again["metrics"]["average_case"] == 6 / 8 and again["metrics"]["worst_case"] == 0.5

@@ -237,16 +237,16 @@ def test_predictions_mode_needs_responses(predictions_file, tmp_path):
     rec = json.loads(lines[2])
     del rec["response"]
     predictions_file.write_text("\n".join(lines[:2] + [json.dumps(rec)]) + "\n")
-    with pytest.raises(SystemExit, match="1 records have no 'response' field \\(first: 3\\)"):
+    with pytest.raises(UserError, match="1 records have no 'response' field \\(first: 3\\)"):
         evaluate.main(evaluate.Args(predictions=str(predictions_file), output_dir=str(tmp_path / "s")))
 
 
 def test_mode_arguments_are_checked(tmp_path):
-    with pytest.raises(SystemExit, match="either --model"):
+    with pytest.raises(UserError, match="either --model"):
         evaluate.main(evaluate.Args(output_dir=str(tmp_path)))
-    with pytest.raises(SystemExit, match="--model needs --data"):
+    with pytest.raises(UserError, match="--model needs --data"):
         evaluate.main(evaluate.Args(model="m", output_dir=str(tmp_path)))
-    with pytest.raises(SystemExit, match="one-off mode needs"):
+    with pytest.raises(UserError, match="one-off mode needs"):
         evaluate.main(evaluate.Args(image="x.png", question="How many?"))
 
 

@@ -415,7 +415,7 @@ class MathVista(Benchmark):
 
     def query(self, p: Problem) -> str:
         """MathVista's official prompt: hint, question (with unit), lettered choices."""
-        block = data._with_choices("", p.choices)
+        block = data.with_choices("", p.choices)
         question = p.question[: len(p.question) - len(block)] if block and p.question.endswith(block) else p.question
         kind = ("multi_choice" if p.question_type == "multi_choice" else
                 f"float{p.precision}" if p.answer_type == "float" else p.answer_type)
@@ -484,24 +484,24 @@ class MathVerse(Benchmark):
         return out or None
 
     def parse(self, rec, loc, root, max_pixels, stem, *, style, path, k):
-        index = data._text(rec, "problem_index", loc, numbers_ok=True).strip()
-        version = data._text(rec, "problem_version", loc).strip()
+        index = data.text_field(rec, "problem_index", loc, numbers_ok=True).strip()
+        version = data.text_field(rec, "problem_version", loc).strip()
         if version not in (*self.VERSIONS, self.TEXT_ONLY):
             raise loc.error("problem_version", f"{version!r} is not one of {', '.join(self.VERSIONS)}, Text Only")
-        qtype = self.TYPES.get(data._text(rec, "question_type", loc).strip())
+        qtype = self.TYPES.get(data.text_field(rec, "question_type", loc).strip())
         if qtype is None:
             raise loc.error("question_type", f"{rec['question_type']!r} is not multi-choice or free-form")
-        question = data._text(rec, "question", loc, required=False) or ""
+        question = data.text_field(rec, "question", loc, required=False) or ""
         needs_cot = style == "official" or not question.strip()
-        prompt = data._text(rec, "query_cot", loc, required=needs_cot) if needs_cot else question
-        images = [] if version == self.TEXT_ONLY else data._images(rec, loc, root, max_pixels, ("image",))
+        prompt = data.text_field(rec, "query_cot", loc, required=needs_cot) if needs_cot else question
+        images = [] if version == self.TEXT_ONLY else data.image_field(rec, loc, root, max_pixels, ("image",))
         if root is not None and version != self.TEXT_ONLY and not images:
             raise loc.error("image", "no image", "Add the image path (every vision version has one)")
         meta = rec.get("metadata") if isinstance(rec.get("metadata"), dict) else {}
         return Problem(
-            id=f"{index}:{version}", question=prompt, answer=data._text(rec, "answer", loc, numbers_ok=True).strip(),
+            id=f"{index}:{version}", question=prompt, answer=data.text_field(rec, "answer", loc, numbers_ok=True).strip(),
             images=images, choices=self.parse_choices(question) if qtype == "multi_choice" else None,
-            question_type=qtype, category=version, response=data._response(rec, loc),
+            question_type=qtype, category=version, response=data.response_field(rec, loc),
             meta={"problem_index": index, "problem_version": version, "subject": _label(meta.get("subject")),
                   "subfield": _label(meta.get("subfield"))})
 
@@ -633,8 +633,8 @@ class MMMath(Benchmark):
     INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 
     def parse(self, rec, loc, root, max_pixels, stem, *, style, path, k):
-        question = data._text(rec, "question", loc)
-        images = data._images(rec, loc, root, max_pixels, ("file_name", "image"))
+        question = data.text_field(rec, "question", loc)
+        images = data.image_field(rec, loc, root, max_pixels, ("file_name", "image"))
         if root is not None and not images:
             raise loc.error("file_name", "no image", "Add the question's image name (file_name)")
         know = rec.get("knowledge")
@@ -642,10 +642,10 @@ class MMMath(Benchmark):
         l2 = know.get("level_2") if isinstance(know, dict) else rec.get("knowledge_l2")
         difficulty = _label(rec.get("difficult", rec.get("difficulty")))
         return Problem(
-            id=data._text(rec, "id", loc, required=False, numbers_ok=True) or f"{stem}-{loc.index}",
+            id=data.text_field(rec, "id", loc, required=False, numbers_ok=True) or f"{stem}-{loc.index}",
             question=question + self.INSTRUCTION if style == "official" else question,
             answer=self.gold(rec, loc), images=images, question_type="free_form", category=difficulty,
-            response=data._response(rec, loc),
+            response=data.response_field(rec, loc),
             meta={"difficulty": difficulty, "grade": _label(rec.get("year")), "knowledge": _label(l1),
                   "knowledge_l2": _label(l2)})
 
@@ -797,7 +797,7 @@ class DynaMath(Benchmark):
 
     def parse(self, rec, loc, root, max_pixels, stem, *, style, path, k):
         seed_key = next((key for key in ("qid", "id", "pid") if rec.get(key) not in (None, "")), "qid")
-        seed = data._text(rec, seed_key, loc, numbers_ok=True).strip()
+        seed = data.text_field(rec, seed_key, loc, numbers_ok=True).strip()
         from_path = re.findall(r"(?:trial|variant)[_-]?(\d+)", str(path), re.I)
         variant = rec.get("varid") or (from_path[-1] if from_path else k + 1)
         if not str(variant).strip().isdigit():
@@ -806,8 +806,8 @@ class DynaMath(Benchmark):
         kind = self.TYPES.get(str(rec.get("answer_type")).strip().lower())
         if kind is None:
             raise loc.error("answer_type", f"{rec.get('answer_type')!r} is not one of float, multiple choice, text")
-        question = data._text(rec, "question", loc)
-        images = data._images(rec, loc, root, max_pixels, ("decoded_image", "image"))
+        question = data.text_field(rec, "question", loc)
+        images = data.image_field(rec, loc, root, max_pixels, ("decoded_image", "image"))
         if root is not None and not images:
             raise loc.error("image", "no image", "Add the image path ('image') or bytes ('decoded_image')")
         if style == "official":
@@ -815,9 +815,9 @@ class DynaMath(Benchmark):
                                                       else "") + self.GUIDE)
         subject = _label(rec.get("subject"))
         return Problem(
-            id=f"{seed}:{int(variant)}", question=question, answer=data._text(rec, answer_key, loc, numbers_ok=True).strip(),
+            id=f"{seed}:{int(variant)}", question=question, answer=data.text_field(rec, answer_key, loc, numbers_ok=True).strip(),
             images=images, question_type="multi_choice" if kind == "multiple choice" else "free_form",
-            answer_type=kind, category=subject, response=data._response(rec, loc),
+            answer_type=kind, category=subject, response=data.response_field(rec, loc),
             meta={"seed": seed, "variant": int(variant), "subject": subject,
                   "level": _label(rec.get("level", rec.get("knowledge_level")))})
 

@@ -334,7 +334,9 @@ def _jsonl_lines(path: Path) -> Iterator[tuple[int, dict | DataError]]:
 
 
 @dataclass
-class _Loc:
+class Loc:
+    """Where a record lives; readers (here and in minivr1.benchmarks) read its fields with `text_field`,
+    `image_field` and `response_field`, whose errors name the file, the record and the field."""
     file: str
     where: str  # "line 7" | "index 3 (0-based)" | "row 3 (0-based)" | "key '12'"
     index: int  # 0-based position of the record in the file, for default ids
@@ -343,13 +345,13 @@ class _Loc:
         return DataError(f"{self.file}:{self.where}: field '{name}': {problem}. {fix}, or {SKIP_HINT}.")
 
 
-def _iter_records(path: Path) -> Iterator[tuple[_Loc, dict | DataError]]:
+def _iter_records(path: Path) -> Iterator[tuple[Loc, dict | DataError]]:
     """Yield each record of a .jsonl, .json (list or dict of records) or .parquet file."""
     suffix = path.suffix.lower()
     file = str(path)
     if suffix == ".jsonl":
         for index, (line_no, record) in enumerate(_jsonl_lines(path)):
-            yield _Loc(file, f"line {line_no}", index), record
+            yield Loc(file, f"line {line_no}", index), record
     elif suffix == ".json":
         text = path.read_text(encoding="utf-8-sig")
         if not text.strip():
@@ -363,7 +365,7 @@ def _iter_records(path: Path) -> Iterator[tuple[_Loc, dict | DataError]]:
             ) from None
         if isinstance(data, list):
             for index, record in enumerate(data):
-                loc = _Loc(file, f"index {index} (0-based)", index)
+                loc = Loc(file, f"index {index} (0-based)", index)
                 if not isinstance(record, dict):
                     problem = f"expected a JSON object, got {type(record).__name__}"
                     record = DataError(f"{file}:{loc.where}: {problem}. Fix the record, or {SKIP_HINT}.")
@@ -371,7 +373,7 @@ def _iter_records(path: Path) -> Iterator[tuple[_Loc, dict | DataError]]:
         elif isinstance(data, dict) and all(isinstance(v, dict) for v in data.values()):
             # MathVista's testmini.json: {"1": {...}, "2": {...}} keyed by pid.
             for index, (key, record) in enumerate(data.items()):
-                yield _Loc(file, f"key {key!r}", index), {"pid": key, **record}
+                yield Loc(file, f"key {key!r}", index), {"pid": key, **record}
         else:
             raise DataError(
                 f"{file}: expected a JSON list of records or a dict of records keyed by id. "
@@ -381,7 +383,7 @@ def _iter_records(path: Path) -> Iterator[tuple[_Loc, dict | DataError]]:
         csv.field_size_limit(2**31 - 1)  # cells may hold base64 images
         with open(path, encoding="utf-8-sig", newline="") as f:
             for index, record in enumerate(csv.DictReader(f, delimiter="\t")):
-                yield _Loc(file, f"line {index + 2}", index), record
+                yield Loc(file, f"line {index + 2}", index), record
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -389,7 +391,7 @@ def _iter_records(path: Path) -> Iterator[tuple[_Loc, dict | DataError]]:
             index = 0
             for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
                 for record in batch.to_pylist():
-                    yield _Loc(file, f"row {index} (0-based)", index), record
+                    yield Loc(file, f"row {index} (0-based)", index), record
                     index += 1
         except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
             raise _bad_parquet(path, e) from e
@@ -409,7 +411,7 @@ def _no_records(path: Path) -> DataError:
 # Field checks
 
 
-def _text(rec: dict, name: str, loc: _Loc, *, required=True, numbers_ok=False) -> str | None:
+def text_field(rec: dict, name: str, loc: Loc, *, required=True, numbers_ok=False) -> str | None:
     """A string field; numbers become strings when `numbers_ok` (answers stored as 3 or 2.5)."""
     value = rec.get(name)
     if value is None:
@@ -425,8 +427,8 @@ def _text(rec: dict, name: str, loc: _Loc, *, required=True, numbers_ok=False) -
     return value
 
 
-def _choice_field(rec: dict, name: str, allowed: tuple[str, ...], loc: _Loc) -> str | None:
-    value = _text(rec, name, loc, required=False)
+def _choice_field(rec: dict, name: str, allowed: tuple[str, ...], loc: Loc) -> str | None:
+    value = text_field(rec, name, loc, required=False)
     if value in (None, ""):
         return None
     if value not in allowed:
@@ -434,7 +436,7 @@ def _choice_field(rec: dict, name: str, allowed: tuple[str, ...], loc: _Loc) -> 
     return value
 
 
-def _precision(rec: dict, loc: _Loc) -> int | None:
+def _precision(rec: dict, loc: Loc) -> int | None:
     """MathVista stores precision as 1.0 or null (NaN in some parquet files); we want an int."""
     value = rec.get("precision")
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -447,7 +449,7 @@ def _precision(rec: dict, loc: _Loc) -> int | None:
     return value
 
 
-def _choices(rec: dict, loc: _Loc) -> list[str] | None:
+def _choices(rec: dict, loc: Loc) -> list[str] | None:
     value = rec.get("choices")
     if value is None or value == []:
         return None
@@ -459,7 +461,7 @@ def _choices(rec: dict, loc: _Loc) -> list[str] | None:
     return [str(c) for c in value]
 
 
-def _with_choices(question: str, choices: list[str] | None) -> str:
+def with_choices(question: str, choices: list[str] | None) -> str:
     """Append the lettered choices (once: predictions files already hold the appended text)."""
     if not choices:
         return question
@@ -471,7 +473,7 @@ def _with_choices(question: str, choices: list[str] | None) -> str:
 # Images
 
 
-def _image_ref(value: Any, name: str, loc: _Loc, root: Path, max_pixels: int) -> ImageRef:
+def _image_ref(value: Any, name: str, loc: Loc, root: Path, max_pixels: int) -> ImageRef:
     """Turn a path string or an HF image dict {bytes, path} into a checked ImageRef."""
     if isinstance(value, dict):
         data, path = value.get("bytes"), value.get("path")
@@ -502,7 +504,7 @@ def _image_ref(value: Any, name: str, loc: _Loc, root: Path, max_pixels: int) ->
     return ref
 
 
-def _image_error(loc: _Loc, name: str, e: ImageError) -> DataError:
+def _image_error(loc: Loc, name: str, e: ImageError) -> DataError:
     if e.too_large:
         return loc.error(name, str(e), f"Shrink the image or raise --max_image_pixels (now {e.limit})")
     return loc.error(name, str(e), "Replace the image")
@@ -547,7 +549,7 @@ def _check_images(items: list, locs: list, report: ReadReport, skip_bad: bool) -
     return [items[k] for k in keep], [locs[k] for k in keep]
 
 
-def _path_ref(path: Any, name: str, loc: _Loc, root: Path, max_pixels: int) -> ImageRef:
+def _path_ref(path: Any, name: str, loc: Loc, root: Path, max_pixels: int) -> ImageRef:
     if not isinstance(path, str) or not path.strip():
         raise loc.error(name, f"expected a non-empty image path, got {path!r}")
     # resolve() follows symlinks, so "../x", "/etc/x" and a link pointing out all land outside.
@@ -564,7 +566,7 @@ def _path_ref(path: Any, name: str, loc: _Loc, root: Path, max_pixels: int) -> I
     return ImageRef(path=full, max_pixels=max_pixels)
 
 
-def _images(rec: dict, loc: _Loc, root: Path | None, max_pixels: int, keys: tuple) -> list[ImageRef]:
+def image_field(rec: dict, loc: Loc, root: Path | None, max_pixels: int, keys: tuple) -> list[ImageRef]:
     """Read the first present image field of `keys`; a list field holds several images.
     `root` None: images are not wanted (scoring predictions), so none are read or checked."""
     if root is None:
@@ -578,7 +580,7 @@ def _images(rec: dict, loc: _Loc, root: Path | None, max_pixels: int, keys: tupl
     return []
 
 
-def _check_placeholders(texts: list[str], n_images: int, name: str, loc: _Loc) -> None:
+def _check_placeholders(texts: list[str], n_images: int, name: str, loc: Loc) -> None:
     n = sum(t.count(IMAGE_TOKEN) for t in texts)
     if n != n_images and not (n == 0 and n_images > 0):  # none at all: images go first (docstring)
         problem = f"{n} '{IMAGE_TOKEN}' placeholders but {n_images} image(s)"
@@ -593,12 +595,12 @@ _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "ass
           "system": "system"}
 
 
-def _parse_sft(rec: dict, loc: _Loc, root: Path, max_pixels: int, stem: str) -> Conversation:
+def _parse_sft(rec: dict, loc: Loc, root: Path, max_pixels: int, stem: str) -> Conversation:
     name = "conversations" if "conversations" in rec else "messages"
     turns = rec.get(name)
     if not isinstance(turns, list) or not turns:
         raise loc.error("conversations", "missing, empty or not a list of turns", "Add the turns")
-    system = _text(rec, "system", loc, required=False)
+    system = text_field(rec, "system", loc, required=False)
     messages = [{"role": "system", "content": system}] if system else []
     expected, n_dialogue = "user", 0
     for i, turn in enumerate(turns):
@@ -627,20 +629,20 @@ def _parse_sft(rec: dict, loc: _Loc, root: Path, max_pixels: int, stem: str) -> 
     if n_dialogue < 2 or expected != "user":
         problem = "needs at least one user and one assistant turn, ending with an assistant turn"
         raise loc.error(name, problem, "Fix the turns")
-    images = _images(rec, loc, root, max_pixels, ("images", "image"))
+    images = image_field(rec, loc, root, max_pixels, ("images", "image"))
     user_texts = [m["content"] for m in messages if m["role"] == "user"]
     _check_placeholders(user_texts, len(images), "images" if "images" in rec else "image", loc)
-    record_id = _text(rec, "id", loc, required=False, numbers_ok=True) or f"{stem}-{loc.index}"
+    record_id = text_field(rec, "id", loc, required=False, numbers_ok=True) or f"{stem}-{loc.index}"
     return Conversation(id=record_id, messages=messages, images=images)
 
 
-def _parse_problem(rec: dict, loc: _Loc, root: Path, max_pixels: int, stem: str, *, benchmark: bool):
+def _parse_problem(rec: dict, loc: Loc, root: Path, max_pixels: int, stem: str, *, benchmark: bool):
     """One parser for both problem formats; they differ in field names only."""
     id_key, text_key = ("pid", "question") if benchmark else ("id", "problem")
     image_keys = ("decoded_image", "image") if benchmark else ("images", "image")
-    question = _text(rec, text_key, loc)
-    answer = _text(rec, "answer", loc, numbers_ok=True)
-    images = _images(rec, loc, root, max_pixels, image_keys)
+    question = text_field(rec, text_key, loc)
+    answer = text_field(rec, "answer", loc, numbers_ok=True)
+    images = image_field(rec, loc, root, max_pixels, image_keys)
     if not images and root is not None:
         raise loc.error(image_keys[-1], "no image", f"Add '{image_keys[0]}' or '{image_keys[1]}'")
     if not benchmark and root is not None:
@@ -660,25 +662,25 @@ def _parse_problem(rec: dict, loc: _Loc, root: Path, max_pixels: int, stem: str,
 
     metadata = rec.get("metadata") if isinstance(rec.get("metadata"), dict) else {}
     category = rec.get("category") or metadata.get("category") or metadata.get("task")
-    record_id = _text(rec, id_key, loc, required=benchmark, numbers_ok=True) or f"{stem}-{loc.index}"
+    record_id = text_field(rec, id_key, loc, required=benchmark, numbers_ok=True) or f"{stem}-{loc.index}"
     return Problem(
         id=record_id,
-        question=_with_choices(question, choices),
+        question=with_choices(question, choices),
         answer=answer,
         images=images,
         choices=choices,
         question_type=question_type,
         answer_type=_choice_field(rec, "answer_type", ANSWER_TYPES, loc),
         precision=_precision(rec, loc),
-        unit=_text(rec, "unit", loc, required=False) or None,
+        unit=text_field(rec, "unit", loc, required=False) or None,
         category=str(category) if category else None,
-        response=_response(rec, loc),
+        response=response_field(rec, loc),
     )
 
 
-def _response(rec: dict, loc: _Loc) -> str | None:
+def response_field(rec: dict, loc: Loc) -> str | None:
     """A predictions file's model output: `response`, or VLMEvalKit's `prediction` column."""
-    return _text(rec, "response" if "response" in rec else "prediction", loc, required=False)
+    return text_field(rec, "response" if "response" in rec else "prediction", loc, required=False)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ groups; while it holds fewer than len(problems) of them it rolls out another bat
 the data set, at most `max_extra_rollouts` times a step. It returns exactly len(problems) groups, the Rollout saying
 which problems they answer (`problems`) and what it cost (`sampling`: groups rolled out, groups dropped; logged).
 
-Several processes. Each process fills its own quota from its own draws, so groups never cross processes (pitfall #3),
-and returns exactly its quota, so every process runs the same number of micro-batches (pitfall #16): when the bound is
+Several processes. Each process fills its own quota from its own draws, so groups never cross processes (docs/pitfalls.md #3),
+and returns exactly its quota, so every process runs the same number of micro-batches (docs/pitfalls.md #16): when the bound is
 reached first, the quota is completed with dropped groups, in the order sampled (they then train as they would without
 dynamic sampling, with A = 0, and show in `zero_var`). The processes agree on the number of extra rollouts (a round
 happens while any process still lacks groups, and every process samples in it: one all-reduce a round), because under

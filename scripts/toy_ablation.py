@@ -26,10 +26,9 @@ any of these runs: docs/ablation/hypothesis-v2.md. Writes OUT/results.md, OUT/re
 OUT/*.png: accuracy overall and per difficulty level, reasoning length per level, how often the
 worked steps and loops appear, truncation, and the completion tokens each method generated.
 
-Completion tokens are computed from each run's metrics.jsonl: the trainer logs `len`, the mean
-completion length of the step (end token included), so a step generated len x prompts_per_step x G
-tokens, G being that step's stage's group size (a `completion_tokens` metric is used instead if the
-trainer logs one).
+Completion tokens are summed from each run's metrics.jsonl: the trainer logs `completion_tokens`, the
+tokens a step generated (end tokens included). For runs made before it logged that, they are
+estimated as len (the step's mean completion length) x prompts_per_step x G of the step's stage.
 """
 from __future__ import annotations
 
@@ -261,7 +260,7 @@ def level_table(rows: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("\nPer level: mean ± population std over seeds. 'worked steps': answers that go through the colours "
                  "one by one; 'loops': answers with a recounting loop; 'cut off': answers as long as the evaluation "
-                 "limit. Completion tokens: generated in all GRPO steps (len x prompts x G per step, from metrics.jsonl).")
+                 "limit. Completion tokens: generated in all GRPO steps (each step's `completion_tokens` in metrics.jsonl).")
     return "\n".join(lines)
 
 

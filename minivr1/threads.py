@@ -3,7 +3,8 @@
 torch's default is one thread per core. Two things make that a poor default for minivr1 on a CPU:
   * reproducibility: the thread count changes the order of floating-point sums, and so, after many
     steps, the results (the toy pipeline gives 63.6% -> 71.6% with one thread, 60.0% -> 70.0% with
-    two). A fixed count makes a run repeat on any machine, whatever its cores and load;
+    two). A fixed count makes a run repeat whatever the machine's core count and load (a CPU of
+    another kind may still differ a little: its floating-point kernels can differ);
   * a shared machine: on a small CPU that other jobs also use, torch's OpenMP threads wait for each
     other (a toy GRPO step took 7.8-14.9 s with torch's default two threads on a busy 2-core machine,
     against 1.1-1.5 s with one; docs/benchmarks.md).

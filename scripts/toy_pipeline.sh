@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The whole Vision-R1 recipe on the built-in toy task, on a CPU, in about 5-12 minutes (2 cores: ~5 idle,
-# 11 min 56 s measured on a machine busy with other jobs):
+# The whole Vision-R1 recipe on the built-in toy task, on a CPU, in about 4 minutes (2 idle cores: 3 min 30 s
+# and 3 min 50 s measured; longer on a machine busy with other jobs):
 #   toy data + random base model -> cold-start SFT -> GRPO with PTST -> evaluation of each.
 # Usage: bash scripts/toy_pipeline.sh [OUT_DIR]   (default runs/toy; PYTHON overrides the interpreter;
 #        FAMILY=qwen3_vl|qwen3_5|idefics3 builds that model family instead of Qwen2.5-VL: README "Model families")

@@ -344,7 +344,7 @@ def plots(out: Path, seeds: list[int], rows: dict, steps: int = 0) -> list[Path]
                 xs.append((lo + hi) / 2), ys.append(sum(inside) / len(inside))
         ax.plot(xs, ys, marker="o", label=name)
     ax.set_xlabel("reasoning length (tokens)"), ax.set_ylabel("accuracy"), ax.legend()
-    ax.set_title("Accuracy against reasoning length (bins of 30 tokens, >= 10 answers)")
+    ax.set_title("Accuracy against reasoning length\n(bins of 30 tokens with at least 10 answers)", fontsize=11)
     fig.tight_layout()
     written.append(out / "accuracy_vs_length.png")
     fig.savefig(written[-1], dpi=100)

@@ -46,6 +46,19 @@ def processor(tiny_model_dir):
     return models.load_processor(tiny_model_dir)
 
 
+@pytest.fixture(scope="session")
+def problems(toy_dir):
+    """One RL problem of each question kind: different questions, so prompts of different lengths (left
+    padding). A test module may define its own `problems` instead."""
+    from minivr1 import data
+
+    probs, _ = data.read_problems(toy_dir / "data" / "rl_train.jsonl")
+    by_kind = {}
+    for p in probs:
+        by_kind.setdefault(p.category, []).append(p)
+    return [by_kind["count"][0], by_kind["majority"][0], by_kind["total"][0]]
+
+
 def make_eos_likely(model, processor, batch, max_new_tokens: int) -> None:
     """Make the end-of-turn token (the chat template's: <|im_end|>, <end_of_utterance>) likely in place,
     so sampled completions end at different lengths (a random model runs every completion to the limit,

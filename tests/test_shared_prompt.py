@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from minivr1 import data, models
+from minivr1 import models
 from minivr1.chat import problem_messages, prompt_batch
 from minivr1.policy import TokenLogprobs, completion_logprobs
 from minivr1.rollout import HFEngine, make_engine
@@ -27,15 +27,6 @@ def family(request):
 @pytest.fixture(scope="module")
 def processor(family, family_dir):
     return models.load_processor(family_dir(family))
-
-
-@pytest.fixture(scope="module")
-def problems(toy_dir):
-    probs, _ = data.read_problems(toy_dir / "data" / "rl_train.jsonl")
-    by_kind = {}
-    for p in probs:                           # different questions: prompts of different lengths (left padding)
-        by_kind.setdefault(p.category, []).append(p)
-    return [by_kind["count"][0], by_kind["majority"][0], by_kind["total"][0]]
 
 
 @pytest.fixture(scope="module")

@@ -10,22 +10,13 @@ drawn from equal the teacher-forced forward's (what GRPO's update recomputes). T
 import pytest
 import torch
 
-from minivr1 import data, models
+from minivr1 import models
 from minivr1.chat import prompt_batch
 from minivr1.policy import TokenLogprobs, completion_logprobs
 from minivr1.rollout import HFEngine, make_engine
 from minivr1.shared_prompt import SharedPrefixEngine
 from minivr1.static_engine import Sampler, StaticCacheEngine, decoder_supported
 from conftest import make_eos_likely
-
-
-@pytest.fixture(scope="module")
-def problems(toy_dir):
-    probs, _ = data.read_problems(toy_dir / "data" / "rl_train.jsonl")
-    by_kind = {}
-    for p in probs:                           # different questions: prompts of different lengths (left padding)
-        by_kind.setdefault(p.category, []).append(p)
-    return [by_kind["count"][0], by_kind["majority"][0], by_kind["total"][0]]
 
 
 @pytest.fixture(scope="module")

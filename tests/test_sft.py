@@ -287,22 +287,34 @@ def test_sft_lora_checkpoint_holds_only_the_adapter(lora_runs):
     assert not (ckpt / "model.safetensors").exists()
 
 
+def _start_sft_after_one_step(args, log) -> subprocess.Popen:
+    """train_sft.py with `args` in a process of its own (output to the open file `log`), returned once its
+    first step is logged in metrics.jsonl."""
+    cmd = [sys.executable, "train_sft.py"] + [
+        a for k, v in vars(args).items() if v is not None and not isinstance(v, bool) for a in (f"--{k}", str(v))]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"))
+    metrics = Path(args.output_dir) / "metrics.jsonl"
+    deadline = time.time() + 120
+    try:
+        while not (metrics.exists() and metrics.read_text().strip()):
+            assert proc.poll() is None, Path(log.name).read_text()
+            assert time.time() < deadline, "no step completed in 120 s"
+            time.sleep(0.02)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
+
+
 def test_sft_ctrl_c_saves_a_checkpoint_and_resumes(tiny_model_dir, toy_dir, tmp_path, capsys):
     data_path = _write_cold(toy_dir, tmp_path / "cold8.json", 8)
     out = tmp_path / "run"
     args = _args(tiny_model_dir, toy_dir, data_path, out, max_steps=10, per_device_batch_size=1,
                  gradient_accumulation_steps=1, save_steps=0, learning_rate=1e-3)
-    cmd = [sys.executable, "train_sft.py"] + [
-        a for k, v in vars(args).items() if v is not None and not isinstance(v, bool) for a in (f"--{k}", str(v))]
     log = open(tmp_path / "log.txt", "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"))
+    proc = _start_sft_after_one_step(args, log)
     try:
-        deadline = time.time() + 120
-        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()):
-            assert proc.poll() is None, (tmp_path / "log.txt").read_text()
-            assert time.time() < deadline, "no step completed in 120 s"
-            time.sleep(0.02)
         proc.send_signal(signal.SIGINT)                       # one Ctrl-C, after step 1 finished
         rc = proc.wait(timeout=120)
     finally:
@@ -456,17 +468,9 @@ def test_two_runs_in_one_output_dir(tiny_model_dir, toy_dir, tmp_path):
     out = tmp_path / "run"
     first = _args(tiny_model_dir, toy_dir, data_path, out, max_steps=100000, per_device_batch_size=1,
                   gradient_accumulation_steps=1, save_steps=0)
-    cmd = [sys.executable, "train_sft.py"] + [
-        a for k, v in vars(first).items() if v is not None and not isinstance(v, bool) for a in (f"--{k}", str(v))]
     log = open(tmp_path / "log.txt", "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"))
+    proc = _start_sft_after_one_step(first, log)
     try:
-        deadline = time.time() + 120
-        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()):
-            assert proc.poll() is None, (tmp_path / "log.txt").read_text()
-            assert time.time() < deadline, "no step completed in 120 s"
-            time.sleep(0.05)
         second = _args(tiny_model_dir, toy_dir, data_path, out, max_steps=1, save_steps=0)
         t0 = time.time()
         with pytest.raises(UserError, match=rf"{out} is in use by another run \(PID {proc.pid}\b"):

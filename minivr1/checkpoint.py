@@ -125,7 +125,9 @@ def save_checkpoint(
             _prune(root, keep_last, protect=final.name)
         except Exception as e:  # noqa: BLE001
             failure = e
-    if _any_process(accelerator, failure is not None):
+    from minivr1.distributed import any_process
+
+    if any_process(accelerator, failure is not None):
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint only holds space
         _raise_save_failure(failure, root, model)
@@ -141,14 +143,6 @@ def share_modes(path: Path) -> None:
     for f in Path(path).rglob("*"):
         if f.is_file():
             f.chmod(0o666 & ~umask)
-
-
-def _any_process(accelerator, flag: bool) -> bool:
-    if accelerator.num_processes == 1:
-        return flag
-    import torch
-
-    return bool(accelerator.reduce(torch.tensor(int(flag), device=accelerator.device), "max").item())
 
 
 def _raise_save_failure(failure: BaseException | None, root: Path, model) -> None:
@@ -387,6 +381,8 @@ def load_latest(accelerator, out_dir: str | Path) -> tuple[Path, dict] | None:
     run has no checkpoint. Tried newest first: the one `latest` names, then older ones. A checkpoint that `verify`
     finds damaged, or whose load fails, is skipped with a warning naming what is wrong; UserError (one line)
     when there are checkpoints and none of them is usable."""
+    from minivr1.distributed import any_process
+
     root = Path(out_dir) / CHECKPOINTS
     steps = sorted(((int(m.group(1)), p) for p in (root.iterdir() if root.is_dir() else [])
                     if (m := _STEP_DIR.match(p.name)) and p.is_dir()), reverse=True)
@@ -405,7 +401,7 @@ def load_latest(accelerator, out_dir: str | Path) -> tuple[Path, dict] | None:
                 state = load_checkpoint(accelerator, ckpt)
             except Exception as e:  # noqa: BLE001 - damage that verify cannot see: try the next one
                 problems = [f"loading it failed ({type(e).__name__}: {(str(e).strip() or '?').splitlines()[0][:200]})"]
-            if _any_process(accelerator, bool(problems)) and not problems:
+            if any_process(accelerator, bool(problems)) and not problems:
                 problems = ["loading it failed on another process"]
             if not problems:
                 if rejected:

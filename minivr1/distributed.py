@@ -13,6 +13,7 @@ something done differently, they call a function here, and this module holds the
     global_loss_scale    undo the backends' division of gradients by processes and micro-batches
     clip_gradients       clip and return the norm (DeepSpeed clips by itself)
     global_sums          add a dict of numbers over processes (one collective)
+    any_process          one verdict on every process: true if a flag is true on any
     shutdown             free the model and end the process group (gloo aborts otherwise)
 """
 from __future__ import annotations
